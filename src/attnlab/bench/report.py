@@ -6,14 +6,13 @@ All text that comes from results (ids, notes, errors) is HTML-escaped.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
+from ..htmlkit import fig_to_data_uri as _fig_to_data_uri, img as _img, page, plt as _plt, table as _table
 from ..registry import get_spec
 from .common import BASELINE
 from .harness import write_atomic
@@ -35,24 +34,6 @@ def _family(mech: str) -> str:
         return get_spec(mech).family
     except KeyError:
         return "other"
-
-
-def _fig_to_data_uri(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ------------------------------------------------------------------------------------------- summaries
@@ -253,16 +234,6 @@ def _exact_ids() -> set[str]:
 # ------------------------------------------------------------------------------------------------- html
 
 
-def _table(header: list[str], rows: list[list], cls: str = "") -> str:
-    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
-    b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>'
-
-
-def _img(uri: str | None, alt: str) -> str:
-    return f'<img src="{uri}" alt="{html.escape(alt)}">' if uri else f"<p class=note>No data for {html.escape(alt)}.</p>"
-
-
 def _notes(records: list[dict]) -> list[list[str]]:
     return [[r["mechanism"], r["metric"], json.dumps(r["config"], default=str)[:160], r.get("note", "")]
             for r in records if r["metric"] in ("error", "skipped")]
@@ -274,11 +245,6 @@ def render_html(results: dict[str, dict]) -> str:
     any_doc = next(iter(results.values()), {})
     machine = any_doc.get("machine", {})
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>attnlab bench</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
-        "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}img{max-width:100%}"
-        ".note{color:#666;font-size:13px}h2{border-bottom:1px solid #ddd;padding-bottom:4px}</style></head><body>",
         "<h1>attnlab bench</h1>",
         "<p class=note>" + html.escape(", ".join(f"{k}: {v}" for k, v in machine.items())) + "</p>",
         "<p class=note>Suites in this report: " + html.escape(", ".join(
@@ -353,8 +319,7 @@ def render_html(results: dict[str, dict]) -> str:
     notes = sum((_notes(d.get("records", [])) for d in results.values()), [])
     if notes:
         parts += ["<h2>Skipped and failed measurements</h2>", _table(["mechanism", "what", "config", "note"], notes)]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return page("attnlab bench", parts)
 
 
 def write_report(out_dir: str | Path) -> Path:

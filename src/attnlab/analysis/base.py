@@ -1,0 +1,123 @@
+"""What every analysis shares: the input it runs on, its result type, and the registry ``attnlab inspect`` reads.
+
+An analysis is a function ``run(lm, inp, **options) -> Result`` registered with :func:`analysis`. Its result is
+a dataclass deriving from :class:`Result`: plain fields (numbers, lists, small tensors) that serialise to JSON,
+``findings()`` -- one sentence per claim the seed paper makes, with the number measured on this model ("reported,
+not assumed") -- and ``sections()`` -- HTML fragments for the inspect report, built with ``attnlab.htmlkit`` and
+``attnlab.analysis.figures``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..models.loaders import LoadedModel, ModelInfo
+
+__all__ = ["ANALYSES", "AnalysisSpec", "Inputs", "Result", "analysis", "jsonable", "make_inputs"]
+
+
+@dataclass
+class Inputs:
+    """One tokenised text an analysis runs on (batch of one)."""
+
+    text: str
+    input_ids: torch.Tensor  # (1, N)
+    attention_mask: torch.Tensor  # (1, N)
+    tokens: list[str]
+    source: dict[str, Any] = field(default_factory=dict)  # e.g. EvalText.to_json() or {"kind": "user"}
+
+    @property
+    def n(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+
+def make_inputs(lm: LoadedModel, text: str, *, max_tokens: int = 128, source: dict | None = None) -> Inputs:
+    """Tokenise ``text`` (special tokens included) and cut it to ``max_tokens``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"text: expected a non-empty string, received {text!r}")
+    if max_tokens < 2:
+        raise ValueError(f"max_tokens: expected at least 2, received {max_tokens}")
+    enc = lm.encode(text, max_tokens=max_tokens)
+    ids = enc["input_ids"]
+    return Inputs(text=text, input_ids=ids, attention_mask=enc.get("attention_mask", torch.ones_like(ids)),
+                  tokens=lm.tokens(ids), source=source or {"kind": "user"})
+
+
+def jsonable(x: Any) -> Any:
+    """Tensors, numpy arrays, dataclasses, tuples and non-finite floats made JSON-safe (NaN/inf become None)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return jsonable(x.item() if x.ndim == 0 else x.tolist())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist") and hasattr(x, "dtype"):  # numpy
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@dataclass
+class Result:
+    """Base of every analysis result. Subclasses add fields and override ``findings`` and ``sections``."""
+
+    model: str
+
+    def findings(self) -> list[str]:
+        return []
+
+    def sections(self) -> list[str]:
+        return []
+
+    def to_json(self) -> dict[str, Any]:
+        d = jsonable(self)
+        d["findings"] = self.findings()
+        return d
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    name: str
+    run: Callable[..., Result]
+    seeds: tuple[str, ...]  # catalog ids of the papers it reproduces
+    summary: str
+    applies: Callable[[ModelInfo], bool]
+    why_not: str  # said when it does not apply
+
+
+ANALYSES: dict[str, AnalysisSpec] = {}
+
+
+def analysis(name: str, *, seeds: tuple[str, ...], summary: str,
+             applies: Callable[[ModelInfo], bool] = lambda info: True, why_not: str = ""):
+    """Register ``run(lm, inp, **options) -> Result`` under ``name`` for ``attnlab inspect --analyses``."""
+
+    def deco(fn):
+        if name in ANALYSES:
+            raise ValueError(f"analysis {name!r} is registered twice")
+        ANALYSES[name] = AnalysisSpec(name=name, run=fn, seeds=tuple(seeds), summary=summary, applies=applies,
+                                      why_not=why_not)
+        return fn
+
+    return deco
+
+
+def causal_only(info: ModelInfo) -> bool:
+    return info.causal
+
+
+def bidirectional_only(info: ModelInfo) -> bool:
+    return not info.causal
