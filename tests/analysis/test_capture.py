@@ -118,3 +118,22 @@ def test_model_info_read_from_config(smollm2, minilm):
     assert s.kv_heads < s.heads  # SmolLM2 uses grouped-query attention
     assert (m.causal, m.kv_heads == m.heads) == (False, True)
     assert len(attention_modules(smollm2.model)) == s.layers
+
+
+def test_shared_scores(smollm2, minilm, short_text):
+    from attnlab.analysis.base import next_token_loss, sentence_embedding
+
+    inp = inputs_for(smollm2, short_text, 24)
+    with torch.no_grad():
+        loss = next_token_loss(smollm2, inp.input_ids)
+        ref = smollm2.model(input_ids=inp.input_ids, labels=inp.input_ids).loss  # transformers' own LM loss
+        per = next_token_loss(smollm2, inp.input_ids, reduction="none")
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert per.shape == (1, inp.n - 1)
+    with pytest.raises(ValueError, match="expected a causal LM"):
+        next_token_loss(minilm, inp.input_ids)
+    enc = minilm.encode(["a cat sits on the mat", "a cat is sitting on a mat", "quarterly tax returns"])
+    with torch.no_grad():
+        e = sentence_embedding(minilm, enc["input_ids"], enc["attention_mask"])
+    sims = e @ e.T
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3)) and sims[0, 1] > sims[0, 2] + 0.2
