@@ -106,6 +106,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .analysis.inspect import cmd_inspect as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description="Attention mechanisms behind one API, measured.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure speed, memory, fidelity and recall side by side")
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    from .analysis.inspect import add_inspect_arguments
+
+    i = sub.add_parser("inspect", help="look inside a real model: attention maps, sinks, heads, attributions (HTML)")
+    add_inspect_arguments(i)
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

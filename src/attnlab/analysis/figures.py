@@ -40,22 +40,31 @@ def heatmap(matrix: torch.Tensor, *, title: str, xlabels: Sequence[str] | None =
 
 
 def head_grid(maps: torch.Tensor, *, title: str, row_label: str = "layer", col_label: str = "head",
-              max_rows: int = 8, cmap: str = "viridis") -> str:
-    """A grid of small heatmaps: ``maps (R, C, N, M)`` (e.g. layers x heads x queries x keys)."""
+              row_names: Sequence[int] | None = None, max_rows: int = 8, cmap: str = "viridis",
+              gamma: float = 0.5) -> str:
+    """A grid of small heatmaps: ``maps (R, C, N, M)`` (e.g. layers x heads x queries x keys). ``row_names``
+    labels the rows (e.g. the layer numbers the maps came from); colours use a power scale with ``gamma`` (0.5 =
+    square root) so that weak structure next to a dominant diagonal or sink stays visible."""
+    from matplotlib.colors import PowerNorm
+
     R, C = maps.shape[:2]
+    names = list(row_names) if row_names is not None else list(range(R))
+    if len(names) != R:
+        raise ValueError(f"head_grid: expected {R} row names, received {len(names)}")
     rows = list(range(R)) if R <= max_rows else sorted({round(i * (R - 1) / (max_rows - 1)) for i in range(max_rows)})
     pyplot = plt()
     fig, axes = pyplot.subplots(len(rows), C, figsize=(1.3 * C, 1.3 * len(rows)), squeeze=False)
     for i, r in enumerate(rows):
         for c in range(C):
             ax = axes[i][c]
-            ax.imshow(maps[r, c].detach().float().cpu().numpy(), cmap=cmap, aspect="auto", interpolation="nearest")
+            ax.imshow(maps[r, c].detach().float().cpu().numpy(), cmap=cmap, aspect="auto", interpolation="nearest",
+                      norm=PowerNorm(gamma, vmin=0.0))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(f"{col_label} {c}", fontsize=7)
             if c == 0:
-                ax.set_ylabel(f"{row_label} {r}", fontsize=7)
+                ax.set_ylabel(f"{row_label} {names[r]}", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return img(fig_to_data_uri(fig), title)

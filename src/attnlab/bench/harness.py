@@ -20,12 +20,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from ..files import write_atomic  # noqa: F401  (re-exported: the suites write through it)
 
 SCHEMA_VERSION = 1
 
@@ -211,20 +212,6 @@ def write_json(path: str | Path, records: list[dict], meta: dict | None = None) 
     doc = {"schema": SCHEMA_VERSION, "machine": machine_info(), "meta": meta or {}, "records": records}
     write_atomic(path, json.dumps(doc, indent=1, default=str))
     return path
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write text so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def loglog_slope(xs: list[float], ys: list[float]) -> float | None:
