@@ -15,7 +15,8 @@ Definitions (used by the pure functions below; shapes documented on each):
 - *uniform baseline* ``u_j``: the same mean for uniform attention (each row spreads its mass evenly over the keys
   it sees): ``mean_{i sees j} 1 / |keys seen by i|``. The *sink ratio* is ``s_j / u_j``.
 - a token is a *sink* in a layer when its ratio exceeds ``k`` (default 5) and at least ``min_rows`` query rows see
-  it (so the last few tokens of a causal input, seen only by themselves, are not called sinks).
+  it (default ``max(8, N // 4)``: the last tokens of a causal input are seen by few rows, and local heads alone
+  push their ratio over ``k``, so they are not called sinks).
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ def act_edit(probs: Tensor, vis: Tensor, *, threshold: float = 0.2, beta: float 
     """Attention calibration on one layer: ``probs (B, H, N, N)``, ``vis (N, N)``.
 
     In each head, a key ``j >= skip_first`` whose received mass (mean over the rows that see it) exceeds
-    ``threshold`` and that at least ``min_rows`` rows see is a non-initial sink; every row's attention to it is multiplied by ``beta`` and the row is
-    renormalised (the removed mass goes to the other keys in proportion). Returns ``(edited probs, sinks (B, H, N)
-    bool)``.
+    ``threshold`` and that at least ``min_rows`` rows see is a non-initial sink; every row's attention to it is
+    multiplied by ``beta`` and the row is renormalised (the removed mass goes to the other keys in proportion).
+    Returns ``(edited probs, sinks (B, H, N) bool)``.
     """
     if probs.ndim != 4 or probs.shape[-2:] != vis.shape:
         raise ValueError(f"probs: expected (B, H, N, N) with N = {vis.shape[0]}, received {tuple(probs.shape)}")
@@ -208,6 +209,7 @@ class SinksResult(Result):
     tokens: list[str] = field(default_factory=list)
     k: float = 5.0
     min_rows: int = 8
+    mlp_norm_median: float = float("nan")  # median MLP-output norm over candidate tokens and layers 0..L-2
     middle: tuple[int, int] = (0, 0)  # middle layers [a, b)
     first_share: list[float] = field(default_factory=list)  # (L,) received mass of position 0
     last_share: list[float] = field(default_factory=list)  # (L,) received mass of the last token ([SEP])
@@ -237,8 +239,11 @@ class SinksResult(Result):
                              f"{s['lifetime']}, peak {s['peak_ratio']:.1f}x uniform" for s in tops)
             f.append(f"{len(self.secondary)} secondary sink(s) (non-initial, > {self.k:g}x uniform in a middle "
                      f"layer): {desc}.")
-            f.append(f"Cosine of a secondary sink's hidden state to the first token's: {self.cos_to_first_sinks:.2f} "
-                     f"(other tokens: {self.cos_to_first_others:.2f}).")
+            f.append(f"Cosine of a secondary sink's hidden state (entering its first sink layer) to the first "
+                     f"token's: mean {self.cos_to_first_sinks:.2f} (other tokens at the middle layer: "
+                     f"{self.cos_to_first_others:.2f}); the MLP output just before it has norm "
+                     f"{_mean(s['producing_mlp_norm'] for s in self.secondary):.0f} on average (median over all "
+                     f"tokens and layers: {self.mlp_norm_median:.0f}).")
         else:
             f.append(f"No secondary sinks: no non-initial token exceeds {self.k:g}x its uniform share in middle "
                      f"layers {a}-{b - 1}.")
@@ -287,15 +292,16 @@ def middle_layers(num_layers: int) -> tuple[int, int]:
 
 @analysis("sinks", seeds=("secondary-sinks", "visual-attention-sink"),
           summary="attention mass per token and layer: primary and secondary sinks, lifetime, MLP norms, massive dims")
-def run_sinks(lm: LoadedModel, inp: Inputs, *, k: float = 5.0, min_rows: int = 8,
+def run_sinks(lm: LoadedModel, inp: Inputs, *, k: float = 5.0, min_rows: int | None = None,
               massive_factor: float = 100.0) -> SinksResult:
     """Sinks on one input. ``k``: sink threshold in multiples of the uniform share; ``min_rows``: a token must be
-    seen by at least this many query rows to count; ``massive_factor``: massive activation threshold in multiples
-    of the layer's median magnitude."""
+    seen by at least this many query rows to count (default ``max(8, N // 4)``); ``massive_factor``: massive
+    activation threshold in multiples of the layer's median magnitude."""
     if k <= 1:
         raise ValueError(f"k: expected a threshold above 1 (multiples of the uniform share), received {k}")
     probs, hidden, mlp_norm, _ = _forward_with_internals(lm, inp)
     L, N = probs.shape[0], probs.shape[-1]
+    min_rows = max(8, N // 4) if min_rows is None else int(min_rows)
     vis = visibility(N, lm.info.causal, inp.attention_mask[0])
     uni = uniform_mass(vis)
     mass = torch.stack([received_mass(probs[l], vis) for l in range(L)])  # (L, N)
@@ -322,7 +328,9 @@ def run_sinks(lm: LoadedModel, inp: Inputs, *, k: float = 5.0, min_rows: int = 8
     others[sink_pos] = False
     mid = (a + b) // 2
     idx = torch.nonzero(cand).flatten()
-    corr_s = corr_l = float("nan")
+    corr_s = corr_l = med = float("nan")
+    if idx.numel():
+        med = float(mlp_norm[: L - 1, idx].median())
     if idx.numel() >= 3:
         peak_norm = mlp_norm[: L - 1, idx].amax(0)  # the last MLP writes after every attention layer
         corr_s = spearman(peak_norm, ratio[1:, idx].amax(0))
@@ -341,8 +349,8 @@ def run_sinks(lm: LoadedModel, inp: Inputs, *, k: float = 5.0, min_rows: int = 8
         secondary=secondary,
         cos_to_first_sinks=_mean(s["cos_to_first"] for s in secondary) if secondary else float("nan"),
         cos_to_first_others=float(cos[mid, others].mean()) if others.any() else float("nan"),
-        corr_norm_score=corr_s, corr_norm_lifetime=corr_l, massive=massive, massive_factor=massive_factor,
-        causal_model=lm.info.causal)
+        corr_norm_score=corr_s, corr_norm_lifetime=corr_l, mlp_norm_median=med, massive=massive,
+        massive_factor=massive_factor, causal_model=lm.info.causal)
 
 
 # ------------------------------------------------------------------------------------------ act-calibration
