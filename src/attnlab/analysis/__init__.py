@@ -8,5 +8,7 @@ from .capture import Capture, head_gates  # noqa: F401
 from .text import eval_text  # noqa: F401
 
 # analysis modules (each registers its analyses on import)
-from . import metrics  # noqa: F401
-from . import heads  # noqa: F401
+from . import metrics  # noqa: F401,E402
+from . import heads  # noqa: F401,E402
+from . import sinks  # noqa: F401,E402
+from . import collapse  # noqa: F401,E402

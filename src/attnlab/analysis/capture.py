@@ -13,7 +13,10 @@ are repeated for grouped-query attention), the mask and the scaling, and:
   the loss with respect to a gate of 1; transformers v5 removed ``head_mask``);
 - with ``explicit=True``, computes the captured layers' outputs from the materialised probabilities, so that
   gradients with respect to the probabilities exist (relevance methods need them). Without it the output comes
-  from SDPA and the captured probabilities are a side computation.
+  from SDPA and the captured probabilities are a side computation;
+- intervenes when asked: ``logit_scale`` multiplies every layer's attention logits (a softmax temperature
+  ``1 / tau``; SDPA is kept, only its scaling changes), and ``edit_probs(layer, probs) -> probs`` rewrites every
+  layer's probabilities before they multiply the values (that layer then runs the explicit path).
 
 Memory stays bounded: only the asked-for (layer, head, row) slices are kept, and with ``on_layer`` each layer's
 record is handed to a callback and dropped (``keep=False``), so L x H x N x N is never held unless asked for.
@@ -146,6 +149,11 @@ class Capture:
         on_layer: optional callback ``f(record: LayerRecord)`` called as each layer finishes (streaming).
         keep: keep records in ``self.records`` (set False with ``on_layer`` to bound memory to one layer).
         detach: store detached tensors (default unless ``explicit``).
+        logit_scale: optional factor on the attention logits of every layer (``1 / tau`` for a softmax temperature
+            ``tau``), captured or not; captured probabilities are those of the scaled logits.
+        edit_probs: optional ``f(layer, probs (B, H, Nq, Nk)) -> probs`` applied in every layer to the
+            probabilities (after softmax and after ``logit_scale``) before they weigh the values; those layers run
+            the explicit path. Captured probabilities are the edited ones.
 
     Usage::
 
@@ -158,7 +166,8 @@ class Capture:
                  heads: Sequence[int] | slice | None = None, rows: Sequence[int] | slice | None = None,
                  what: Sequence[str] = ("probs",), gates: Tensor | None = None, explicit: bool = False,
                  on_layer: Callable[[LayerRecord], Any] | None = None, keep: bool = True,
-                 detach: bool | None = None) -> None:
+                 detach: bool | None = None, logit_scale: float | None = None,
+                 edit_probs: Callable[[int, Tensor], Tensor] | None = None) -> None:
         self.model = model
         self.modules = attention_modules(model)
         self._by_id = {id(m): i for i, m in self.modules.items()}
@@ -181,6 +190,13 @@ class Capture:
         self.on_layer = on_layer
         self.keep = keep
         self.detach = (not explicit) if detach is None else detach
+        if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)
+                                            and logit_scale > 0):
+            raise ValueError(f"logit_scale: expected a positive finite number, received {logit_scale!r}")
+        self.logit_scale = None if logit_scale is None else float(logit_scale)
+        if edit_probs is not None and not callable(edit_probs):
+            raise ValueError(f"edit_probs: expected a callable f(layer, probs) -> probs, received {edit_probs!r}")
+        self.edit_probs = edit_probs
         self.records: dict[int, LayerRecord] = {}
         self._saved_impl: str | None = None
 
@@ -209,7 +225,8 @@ class Capture:
         layer = self._by_id.get(id(module))
         if layer is None:
             return None
-        if layer in self.layers or self.gates is not None:
+        if (layer in self.layers or self.gates is not None or self.logit_scale is not None
+                or self.edit_probs is not None):
             return layer
         return None
 
@@ -222,8 +239,11 @@ class Capture:
         Hkv, Nk = key.shape[1], key.shape[2]
         group = H // Hkv
         captured = layer in self.layers
-        if captured and self.explicit:
-            out, probs_all, logits_all = self._explicit(module, query, key, value, attention_mask, scaling, is_causal)
+        if self.logit_scale is not None:
+            scaling = (scaling if scaling is not None else 1.0 / math.sqrt(D)) * self.logit_scale
+        if (captured and self.explicit) or self.edit_probs is not None:
+            out, probs_all, logits_all = self._explicit(module, query, key, value, attention_mask, scaling, is_causal,
+                                                        layer)
         else:
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                             scaling=scaling, is_causal=is_causal, **kwargs)
@@ -248,12 +268,18 @@ class Capture:
             logits = logits + mask
         return logits
 
-    def _explicit(self, module, query, key, value, attention_mask, scaling, is_causal):
+    def _explicit(self, module, query, key, value, attention_mask, scaling, is_causal, layer):
         H, Hkv = query.shape[1], key.shape[1]
         k = key.repeat_interleave(H // Hkv, dim=1)
         v = value.repeat_interleave(H // Hkv, dim=1)
         logits = self._scores(module, query, k, attention_mask, scaling, is_causal, query.shape[2], k.shape[2], None)
         probs = _safe_softmax(logits)
+        if self.edit_probs is not None:
+            edited = self.edit_probs(layer, probs)
+            if not isinstance(edited, Tensor) or edited.shape != probs.shape:
+                raise ValueError(f"edit_probs: expected a tensor of shape {tuple(probs.shape)} for layer {layer}, "
+                                 f"received {getattr(edited, 'shape', type(edited).__name__)}")
+            probs = edited
         if probs.requires_grad:
             probs.retain_grad()
         out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2)  # (B, Nq, H, D)
