@@ -8,7 +8,7 @@ import torch
 
 import attnlab
 from attnlab.mechanisms import KVCache
-from attnlab.mechanisms.linear import alibi_slopes, prefix_softmax_scan, sliding_window_attention
+from attnlab.mechanisms.linear import alibi_slopes, prefix_softmax_scan, windowed
 from attnlab.ops import reference_attention
 from attnlab.ops.linear import taylor_kernel
 
@@ -188,17 +188,29 @@ def test_sliding_window_is_banded_softmax(causal, window):
     mask[1, 2] = False
     i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
     band = (j > i - window) & ((j <= i) if causal else (j < i + window))
-    want = reference_attention(q, k, v, attn_mask=band, key_padding_mask=mask)
-    torch.testing.assert_close(sliding_window_attention(q, k, v, window, causal=causal, key_padding_mask=mask), want)
+    want, want_lse = reference_attention(q, k, v, attn_mask=band, key_padding_mask=mask, return_lse=True)
+    kw = dict(causal=causal, key_padding_mask=mask, cache=None, key="w")
+    torch.testing.assert_close(windowed(q, k, v, window, **kw), want)
+    got, lse = windowed(q, k, v, window, return_lse=True, **kw)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(lse, want_lse)
 
 
-def test_sliding_window_with_past_keys_is_bottom_right():
+@pytest.mark.parametrize("window", [1, 4, 6])
+def test_windowed_decoding_keeps_window_minus_one_keys_and_matches_the_full_band(window):
+    """The cache holds only the last window - 1 keys; continuing from it (bottom-right band) equals the full call."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 3, 4, generator=g, dtype=f64)
-    k, v = (torch.randn(1, 2, 8, 4, generator=g, dtype=f64) for _ in range(2))
-    i, j = torch.arange(5, 8)[:, None], torch.arange(8)[None, :]
-    want = reference_attention(q, k, v, attn_mask=(j > i - 4) & (j <= i))
-    torch.testing.assert_close(sliding_window_attention(q, k, v, 4, causal=True), want)
+    q, k, v = (torch.randn(1, 2, 11, 4, generator=g, dtype=f64) for _ in range(3))
+    mask = torch.ones(1, 11, dtype=torch.bool)
+    mask[0, 3] = False
+    want = windowed(q, k, v, window, causal=True, key_padding_mask=mask, cache=None, key="w")
+    cache, outs = KVCache(), []
+    for a, b in ((0, 5), (5, 6), (6, 7), (7, 11)):
+        outs.append(windowed(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], window, causal=True,
+                             key_padding_mask=mask[:, a:b], cache=cache, key="w"))
+        pk, pv, pm = cache.state["w"]
+        assert pk.shape[2] == min(window - 1, b) and pm.shape[1] == pk.shape[2]
+    torch.testing.assert_close(torch.cat(outs, dim=2), want)
 
 
 def test_based_window_part_alone_is_exact_when_the_window_covers_the_sequence():

@@ -33,6 +33,7 @@ from ..ops.linear import (
 )
 from ..ops.online import SoftmaxState, merge
 from ..ops.positions import apply_rope, rope_cos_sin
+from ..ops.window import band_plan, tiled_attention
 from ..registry import Caps, register
 from .base import Mechanism
 from .cache import KVCache
@@ -318,73 +319,39 @@ class LightningAttention2(_Lightning):
 # ==================================================================================================== based
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, *, causal: bool,
-                             key_padding_mask: Tensor | None = None, return_lse: bool = False):
-    """Exact softmax attention restricted to a band: query ``i`` sees keys ``i - window < j <= i`` (causal) or
-    ``|i - j| < window``; bottom-right aligned when there are more keys than queries (earlier keys = the past).
-
-    ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``Nk >= Nq``. Blocked: queries in blocks of ``min(window, Nq)``,
-    each against the keys its band can reach, so time and memory are O(N * window), not O(N^2).
-    ``return_lse=True`` also returns the log-sum-exp ``(B, H, Nq)``, to merge with other key sets exactly.
-    """
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    past = Nk - Nq
-    if past < 0:
-        raise shape_error("sliding_window_attention k", f"at least Nq = {Nq} keys", tuple(k.shape))
-    bs = max(1, min(window, Nq))
-    nb = math.ceil(Nq / bs)
-    # reach to the left / right, clipped to the keys that exist (a window wider than the sequence is full attention)
-    left, right = min(window - 1, Nk - 1), (0 if causal else min(window - 1, Nq - 1))
-    span = bs + left + right  # keys one block of queries can see
-    valid = torch.ones(B, Nk, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-    # pad so that query block b (absolute position past + b*bs) reads keys [past + b*bs - left, ... + span)
-    lpad = left
-    rpad = nb * bs + right - Nq
-    kp = F.pad(k, (0, 0, lpad, rpad))
-    vp = F.pad(v, (0, 0, lpad, rpad))
-    mp = F.pad(valid, (lpad, rpad), value=False)
-    kb = kp[:, :, past:].unfold(2, span, bs)  # (B, H, nb, D, span): block b reads from past + b * bs on
-    vb = vp[:, :, past:].unfold(2, span, bs)
-    mb = mp[:, past:].unfold(1, span, bs)  # (B, nb, span)
-    kb = rearrange(kb[:, :, :nb], "b h n d s -> (b n) h s d")
-    vb = rearrange(vb[:, :, :nb], "b h n d s -> (b n) h s d")
-    mb = rearrange(mb[:, :nb], "b n s -> (b n) s")
-    qb = rearrange(F.pad(q, (0, 0, 0, nb * bs - Nq)), "b h (n s) d -> (b n) h s d", s=bs)
-    r = torch.arange(bs, device=q.device)[:, None]
-    c = torch.arange(span, device=q.device)[None, :]
-    band = (c >= r) & (c <= r + left + right)  # key c of the block's span is within the window of query r
-    keep = band & mb[:, None, None, :]
-    if not return_lse:
-        out = reference_attention(qb, kb, vb, attn_mask=keep)
-        return rearrange(out, "(b n) h s d -> b h (n s) d", b=B)[:, :, :Nq]
-    out, lse = reference_attention(qb, kb, vb, attn_mask=keep, return_lse=True)
-    return (rearrange(out, "(b n) h s d -> b h (n s) d", b=B)[:, :, :Nq],
-            rearrange(lse, "(b n) h s -> b h (n s)", b=B)[:, :, :Nq])
-
-
 def _ones(batch: int, n: int, device) -> Tensor:
     return torch.ones(batch, n, dtype=torch.bool, device=device)
 
 
 def windowed(q: Tensor, k: Tensor, v: Tensor, window: int, *, causal: bool, key_padding_mask: Tensor | None,
              cache: KVCache | None, key: str, return_lse: bool = False):
-    """Sliding-window attention; with a cache, continue from the last ``window - 1`` keys kept in
-    ``cache.state[key]`` (an O(window) state, independent of the context length)."""
-    if cache is None:
-        return sliding_window_attention(q, k, v, window, causal=causal, key_padding_mask=key_padding_mask,
-                                        return_lse=return_lse)
-    pk, pv, pm = cache.state.get(key, (k[:, :, :0], v[:, :, :0], None))
-    B, n, p = q.shape[0], q.shape[2], pk.shape[2]
-    kk, vv = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-    mask = None
-    if pm is not None or key_padding_mask is not None:
-        mask = torch.cat([pm if pm is not None else _ones(B, p, q.device),
-                          key_padding_mask if key_padding_mask is not None else _ones(B, n, q.device)], dim=1)
-    o = sliding_window_attention(q, kk, vv, window, causal=True, key_padding_mask=mask, return_lse=return_lse)
-    tail = kk.shape[2] - max(window - 1, 0)
-    cache.state[key] = (kk[:, :, tail:], vv[:, :, tail:], None if mask is None else mask[:, tail:])
-    return o
+    """Exact softmax attention in a sliding window -- query ``i`` sees keys ``i - window < j <= i`` (causal) or
+    ``|i - j| < window`` -- on the band plan of :mod:`attnlab.ops.window` (O(N * window) time and memory).
+
+    ``q, k, v (B, H, N, D)``; ``return_lse=True`` also returns the log-sum-exp ``(B, H, N)``, to merge with other
+    key sets exactly. With a cache, the call continues from the last ``window - 1`` keys kept in
+    ``cache.state[key]`` (an O(window) state, independent of the context length): the band is bottom-right aligned,
+    so those earlier keys are the past of the new queries.
+    """
+    if not (isinstance(window, int) and window >= 1):
+        raise shape_error("windowed window", "a positive integer", window)
+    if cache is not None:
+        causal = True
+        pk, pv, pm = cache.state.get(key, (k[:, :, :0], v[:, :, :0], None))
+        B, n, p = q.shape[0], q.shape[2], pk.shape[2]
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if pm is not None or key_padding_mask is not None:
+            key_padding_mask = torch.cat([pm if pm is not None else _ones(B, p, q.device),
+                                          key_padding_mask if key_padding_mask is not None
+                                          else _ones(B, n, q.device)], dim=1)
+        tail = k.shape[2] - max(window - 1, 0)
+        cache.state[key] = (k[:, :, tail:], v[:, :, tail:],
+                            None if key_padding_mask is None else key_padding_mask[:, tail:])
+    if q.shape[2] == 0:
+        o = q.new_zeros(*q.shape[:3], v.shape[-1])
+        return (o, q.new_full(q.shape[:3], float("-inf"))) if return_lse else o
+    plan = band_plan(q.shape[2], k.shape[2], window - 1, 0 if causal else window - 1)
+    return tiled_attention(q, k, v, plan, key_padding_mask=key_padding_mask, return_lse=return_lse)
 
 
 @register(
