@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..errors import shape_error
 from ..ops import reference_attention
 from ..ops.linear import (
-    FORMS, elu_plus_one, exp_features, linear_attention, orthogonal_gaussian, positive_random_features,
+    FORMS, depthwise_conv1d, elu_plus_one, exp_features, linear_attention, orthogonal_gaussian, positive_random_features,
     taylor_feature_dim, taylor_features,
 )
 from ..ops.online import SoftmaxState, merge
@@ -1223,3 +1223,103 @@ class InfiniteSelfAttention(Mechanism):
         a = a / (a.sum(-1, keepdim=True) + self.eps)
         pooled = torch.sigmoid(self.rho_logit).to(a.dtype) * torch.einsum("bhn,bhnd->bhd", a, v)
         return pooled.unsqueeze(2).expand_as(v)
+
+
+# ==================================================================================================== chela
+
+
+def _chela_flops(batch, n, heads, head_dim, causal=False, short_kernel=3, long_kernel=256, **kw):
+    # the scan (4 B H N d^2) plus the two depthwise convolutions over C = H d channels (direct count, 2 per tap)
+    return 4.0 * batch * heads * n * head_dim * head_dim + 2.0 * batch * n * heads * head_dim * (
+        short_kernel + min(long_kernel, n))
+
+
+@register(
+    "chela", family="linear", seed=True, catalog=195,
+    paper="Short-Long Convolutions Help Hardware-Efficient Linear Attention to Focus on Long Sequences",
+    arxiv="2406.08128",
+    complexity="O(N d^2 + N C log N) time (chunked scan + FFT long convolution); decoding state O(d^2 + K_long C)",
+    caps=Caps(causal=True, bidirectional=True, dims=(1,), decode=True, padding=True),
+    flops=_chela_flops, approximates_softmax=False,
+    test_kwargs=dict(dim=32, heads=4, short_kernel=3, long_kernel=8, long_branches=2, chunk_size=4),
+    bench_kwargs=dict(long_kernel=256),
+    summary="Short depthwise conv -> SiLU -> long (multi-branch, re-parameterised) depthwise conv gives the queries "
+            "and keys of a tiled (chunked) linear attention; values from the input, sigmoid output gate.",
+)
+class Chela(KernelAttention):
+    """CHELA (Liu et al., ICML 2024): short-long convolutions feeding hardware-efficient (chunked) linear attention.
+
+    ``S = silu(ShortConv(x))``, ``Z = LongConv(S)`` (depthwise, causal or centred), ``q = phi(Z W_q)``,
+    ``k = phi(Z W_k)``, ``v = x W_v`` with ``phi = elu + 1``; ``o = LinearAttention(q, k, v)`` on the chunked scan of
+    :mod:`attnlab.ops.linear`; ``y = (o * sigmoid(x W_g)) W_o``. The long kernel is the sum of ``long_branches``
+    kernels of lengths ``K, K/2, K/4, ...`` (each covering the most recent lags: structural re-parameterisation,
+    merged into one kernel before every call). What was read and what was guessed: docs/mechanisms/chela.md.
+
+    Args:
+        short_kernel: taps of the short convolution (default 3).
+        long_kernel: taps ``K`` of the long convolution (default 256; as long as the training sequences makes it
+            global). Decoding keeps the last ``short_kernel - 1`` and ``K - 1`` convolution inputs: a bounded state.
+        long_branches: re-parameterised branches of the long kernel (default 3).
+        conv_method: ``"auto"`` (FFT for long kernels), ``"direct"`` (the reference) or ``"fft"``.
+        form, chunk_size, eps, bias: as :class:`KernelAttention`.
+    """
+
+    state_key = "chela.linear"
+
+    def __init__(self, dim: int, heads: int = 8, *, short_kernel: int = 3, long_kernel: int = 256,
+                 long_branches: int = 3, conv_method: str = "auto", **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        for name, val in (("short_kernel", short_kernel), ("long_kernel", long_kernel),
+                          ("long_branches", long_branches)):
+            if not (isinstance(val, int) and val >= 1):
+                raise shape_error(name, "a positive integer", val)
+        if conv_method not in ("auto", "direct", "fft"):
+            raise shape_error("conv_method", "'auto', 'direct' or 'fft'", repr(conv_method))
+        self.short_kernel, self.long_kernel, self.conv_method = short_kernel, long_kernel, conv_method
+        sizes = sorted({max(1, long_kernel >> i) for i in range(long_branches)}, reverse=True)
+        self.long_sizes = tuple(sizes)
+        # depthwise taps, scaled like a fan-in initialisation; short kernel: identity-leaning (current token first)
+        self.short_weight = nn.Parameter(torch.randn(dim, short_kernel) * short_kernel ** -0.5)
+        self.short_bias = nn.Parameter(torch.zeros(dim))
+        self.long_weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(dim, k) * (k * len(sizes)) ** -0.5) for k in sizes])
+        self.gate_proj = nn.Linear(dim, heads * self.head_dim, bias=kwargs.get("bias", False))
+
+    def long_weight(self) -> Tensor:
+        """The merged long kernel ``(C, K)``: each branch zero-padded on the far-past side and summed."""
+        return sum(F.pad(w, (0, self.long_kernel - w.shape[1])) for w in self.long_weights)
+
+    def features(self, q, k):
+        return elu_plus_one(q), elu_plus_one(k)
+
+    def convolve(self, x: Tensor, *, causal: bool, key_padding_mask: Tensor | None,
+                 cache: KVCache | None) -> Tensor:
+        """``Z = LongConv(silu(ShortConv(x)))`` with padded tokens zeroed before each convolution (so they act as
+        the zeros beyond the sequence's end); with a cache, each convolution continues from its kept inputs."""
+        keep = None if key_padding_mask is None else key_padding_mask[..., None].to(x.dtype)
+        if keep is not None:
+            x = x * keep
+        hist_s = hist_l = None
+        if cache is not None:
+            hist_s, hist_l = cache.state.get("chela.conv", (None, None))
+        s = F.silu(depthwise_conv1d(x, self.short_weight, self.short_bias, causal=causal, history=hist_s,
+                                    method=self.conv_method))
+        if keep is not None:
+            s = s * keep
+        z = depthwise_conv1d(s, self.long_weight(), causal=causal, history=hist_l, method=self.conv_method)
+        if cache is not None:
+            def last(prev, new, m):  # the last m - 1 inputs: all a causal kernel of m taps still needs
+                seq = new if prev is None else torch.cat([prev, new], dim=1)
+                return seq[:, max(0, seq.shape[1] - (m - 1)):]
+            cache.state["chela.conv"] = (last(hist_s, x, self.short_kernel), last(hist_l, s, self.long_kernel))
+        return z
+
+    def attend(self, x, *, causal, key_padding_mask, hw, cache):
+        z = self.convolve(x, causal=causal, key_padding_mask=key_padding_mask, cache=cache)
+        q = rearrange(self.q_proj(z), "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(self.k_proj(z), "b n (h d) -> b h n d", h=self.heads)
+        v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.heads)
+        fq, fk = self.features(q, k)
+        o = self.scan(fq, fk, v, causal=causal, key_padding_mask=key_padding_mask, cache=cache)
+        _advance(cache, x.shape[1])
+        return self.o_proj(rearrange(o, "b h n d -> b n (h d)") * torch.sigmoid(self.gate_proj(x)))
