@@ -64,6 +64,13 @@ def test_scan_forms_agree_on_outputs_and_gradients(id, kw):
             torch.testing.assert_close(a, b, msg=f"{id} {m.form} gradient")
 
 
+def _assert_same(got, want):
+    """``(output, gradients)`` pairs from :func:`_loss_and_grads` agree."""
+    torch.testing.assert_close(got[0], want[0])
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b)
+
+
 def _state_numel(cache: KVCache) -> int:
     total = 0
     for value in cache.state.values():
@@ -263,9 +270,7 @@ def test_aaren_scan_equals_recurrent_and_reference_with_gradients():
     mask[0, 6:] = False
     ya, ga = _loss_and_grads(scan, x, causal=True, key_padding_mask=mask)
     yb, gb = _loss_and_grads(rec, x, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(ya, yb)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b)
+    _assert_same((ya, ga), (yb, gb))
     torch.testing.assert_close(ya, scan.reference_forward(x, causal=True, key_padding_mask=mask))
 
 
@@ -637,9 +642,7 @@ def test_titans_forms_agree_on_outputs_and_gradients():
     mask[1, 7:] = False
     ya, ga = _loss_and_grads(mods[0], x, causal=True, key_padding_mask=mask)
     yb, gb = _loss_and_grads(mods[1], x, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(yb, ya)
-    for a, b in zip(gb, ga):
-        torch.testing.assert_close(a, b)
+    _assert_same((yb, gb), (ya, ga))
 
 
 def test_titans_attention_sees_persistent_tokens_and_the_window():
@@ -697,9 +700,7 @@ def test_chela_fft_and_direct_convolutions_agree_on_outputs_and_gradients(causal
         mods.append(attnlab.create("chela", dim=16, heads=2, long_kernel=12, conv_method=method).double())
     x = torch.randn(2, 17, 16, dtype=f64, requires_grad=True)
     (y0, g0), (y1, g1) = (_loss_and_grads(m, x, causal=causal) for m in mods)
-    torch.testing.assert_close(y1, y0)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b)
+    _assert_same((y1, g1), (y0, g0))
 
 
 def test_chela_decoding_state_is_bounded_by_the_kernels():
