@@ -8,7 +8,7 @@ import torch
 
 import attnlab
 from attnlab.mechanisms import KVCache
-from attnlab.mechanisms.linear import alibi_slopes, prefix_softmax_scan, sliding_window_attention
+from attnlab.mechanisms.linear import alibi_slopes, prefix_softmax_scan, windowed
 from attnlab.ops import reference_attention
 from attnlab.ops.linear import taylor_kernel
 
@@ -28,6 +28,7 @@ SCAN_MECHANISMS = [
     ("ecoformer", dict(bits=6, anchors=5)),
     ("fast-factorizable", dict(p=2)),
     ("fast-factorizable", dict(p=1, normalize="none")),
+    ("chela", dict(short_kernel=3, long_kernel=8, long_branches=2)),
 ]
 
 
@@ -63,6 +64,13 @@ def test_scan_forms_agree_on_outputs_and_gradients(id, kw):
             torch.testing.assert_close(a, b, msg=f"{id} {m.form} gradient")
 
 
+def _assert_same(got, want):
+    """``(output, gradients)`` pairs from :func:`_loss_and_grads` agree."""
+    torch.testing.assert_close(got[0], want[0])
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b)
+
+
 def _state_numel(cache: KVCache) -> int:
     total = 0
     for value in cache.state.values():
@@ -73,7 +81,7 @@ def _state_numel(cache: KVCache) -> int:
 
 
 DECODERS = ["linear-attention", "performer", "lightning-attention", "lightning-attention-2", "based", "aaren",
-            "symmetric-taylor-attn", "linear-log-normal", "liger", "ecoformer", "fast-factorizable", "titans"]
+            "symmetric-taylor-attn", "linear-log-normal", "liger", "ecoformer", "fast-factorizable", "titans", "chela"]
 
 
 @pytest.mark.parametrize("id", DECODERS)
@@ -188,17 +196,29 @@ def test_sliding_window_is_banded_softmax(causal, window):
     mask[1, 2] = False
     i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
     band = (j > i - window) & ((j <= i) if causal else (j < i + window))
-    want = reference_attention(q, k, v, attn_mask=band, key_padding_mask=mask)
-    torch.testing.assert_close(sliding_window_attention(q, k, v, window, causal=causal, key_padding_mask=mask), want)
+    want, want_lse = reference_attention(q, k, v, attn_mask=band, key_padding_mask=mask, return_lse=True)
+    kw = dict(causal=causal, key_padding_mask=mask, cache=None, key="w")
+    torch.testing.assert_close(windowed(q, k, v, window, **kw), want)
+    got, lse = windowed(q, k, v, window, return_lse=True, **kw)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(lse, want_lse)
 
 
-def test_sliding_window_with_past_keys_is_bottom_right():
+@pytest.mark.parametrize("window", [1, 4, 6])
+def test_windowed_decoding_keeps_window_minus_one_keys_and_matches_the_full_band(window):
+    """The cache holds only the last window - 1 keys; continuing from it (bottom-right band) equals the full call."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 3, 4, generator=g, dtype=f64)
-    k, v = (torch.randn(1, 2, 8, 4, generator=g, dtype=f64) for _ in range(2))
-    i, j = torch.arange(5, 8)[:, None], torch.arange(8)[None, :]
-    want = reference_attention(q, k, v, attn_mask=(j > i - 4) & (j <= i))
-    torch.testing.assert_close(sliding_window_attention(q, k, v, 4, causal=True), want)
+    q, k, v = (torch.randn(1, 2, 11, 4, generator=g, dtype=f64) for _ in range(3))
+    mask = torch.ones(1, 11, dtype=torch.bool)
+    mask[0, 3] = False
+    want = windowed(q, k, v, window, causal=True, key_padding_mask=mask, cache=None, key="w")
+    cache, outs = KVCache(), []
+    for a, b in ((0, 5), (5, 6), (6, 7), (7, 11)):
+        outs.append(windowed(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], window, causal=True,
+                             key_padding_mask=mask[:, a:b], cache=cache, key="w"))
+        pk, pv, pm = cache.state["w"]
+        assert pk.shape[2] == min(window - 1, b) and pm.shape[1] == pk.shape[2]
+    torch.testing.assert_close(torch.cat(outs, dim=2), want)
 
 
 def test_based_window_part_alone_is_exact_when_the_window_covers_the_sequence():
@@ -250,9 +270,7 @@ def test_aaren_scan_equals_recurrent_and_reference_with_gradients():
     mask[0, 6:] = False
     ya, ga = _loss_and_grads(scan, x, causal=True, key_padding_mask=mask)
     yb, gb = _loss_and_grads(rec, x, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(ya, yb)
-    for a, b in zip(ga, gb):
-        torch.testing.assert_close(a, b)
+    _assert_same((ya, ga), (yb, gb))
     torch.testing.assert_close(ya, scan.reference_forward(x, causal=True, key_padding_mask=mask))
 
 
@@ -624,9 +642,7 @@ def test_titans_forms_agree_on_outputs_and_gradients():
     mask[1, 7:] = False
     ya, ga = _loss_and_grads(mods[0], x, causal=True, key_padding_mask=mask)
     yb, gb = _loss_and_grads(mods[1], x, causal=True, key_padding_mask=mask)
-    torch.testing.assert_close(yb, ya)
-    for a, b in zip(gb, ga):
-        torch.testing.assert_close(a, b)
+    _assert_same((yb, gb), (ya, ga))
 
 
 def test_titans_attention_sees_persistent_tokens_and_the_window():
@@ -639,3 +655,77 @@ def test_titans_attention_sees_persistent_tokens_and_the_window():
     keep = torch.cat([torch.ones(6, 3, dtype=torch.bool), (j <= i) & (j > i - 2)], dim=1)
     want = reference_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=keep)
     torch.testing.assert_close(m.attention(x, None, None), want)
+
+
+# ================================================================================================== chela
+
+
+def _naive_conv(x, w, causal):
+    """``y_t = sum_j w[:, j] x_{t - j + c}`` written out (c = 0 causal, (K - 1) // 2 centred)."""
+    K = w.shape[1]
+    c = 0 if causal else (K - 1) // 2
+    y = torch.zeros_like(x)
+    for t in range(x.shape[1]):
+        for j in range(K):
+            if 0 <= t - j + c < x.shape[1]:
+                y[:, t] += w[:, j] * x[:, t - j + c]
+    return y
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chela_is_short_long_convolution_then_gated_linear_attention(causal):
+    """The whole layer written out from its equations, materialising the attention matrix."""
+    torch.manual_seed(0)
+    m = attnlab.create("chela", dim=16, heads=2, short_kernel=3, long_kernel=6, long_branches=3).double()
+    x = torch.randn(2, 9, 16, dtype=f64)
+    s = torch.nn.functional.silu(_naive_conv(x, m.short_weight, causal) + m.short_bias)
+    long_w = sum(torch.nn.functional.pad(w, (0, 6 - w.shape[1])) for w in m.long_weights)
+    assert [w.shape[1] for w in m.long_weights] == [6, 3, 1]
+    z = _naive_conv(s, long_w, causal)
+    heads = lambda t: t.view(2, 9, 2, 8).transpose(1, 2)  # noqa: E731
+    fq = torch.nn.functional.elu(heads(m.q_proj(z))) + 1
+    fk = torch.nn.functional.elu(heads(m.k_proj(z))) + 1
+    w = fq @ fk.transpose(-1, -2)
+    w = w.tril() if causal else w
+    o = ((w / w.sum(-1, keepdim=True)) @ heads(m.v_proj(x))).transpose(1, 2).reshape(2, 9, 16)
+    want = m.o_proj(o * torch.sigmoid(m.gate_proj(x)))
+    torch.testing.assert_close(m(x, causal=causal), want)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chela_fft_and_direct_convolutions_agree_on_outputs_and_gradients(causal):
+    mods = []
+    for method in ("direct", "fft"):
+        torch.manual_seed(0)
+        mods.append(attnlab.create("chela", dim=16, heads=2, long_kernel=12, conv_method=method).double())
+    x = torch.randn(2, 17, 16, dtype=f64, requires_grad=True)
+    (y0, g0), (y1, g1) = (_loss_and_grads(m, x, causal=causal) for m in mods)
+    _assert_same((y1, g1), (y0, g0))
+
+
+def test_chela_decoding_state_is_bounded_by_the_kernels():
+    """Decoding keeps K_short - 1 and K_long - 1 convolution inputs plus the scan state, whatever the context."""
+    torch.manual_seed(0)
+    m = attnlab.create("chela", dim=16, heads=2, short_kernel=3, long_kernel=5).double()
+    x = torch.randn(1, 30, 16, dtype=f64)
+    cache = KVCache()
+    with torch.no_grad():
+        full = m(x, causal=True)
+        parts = [m(x[:, :2], causal=True, cache=cache)]  # shorter than the kernels: partial history
+        parts += [m(x[:, t: t + 1], causal=True, cache=cache) for t in range(2, 30)]
+    hs, hl = cache.state["chela.conv"]
+    assert hs.shape[1] == 2 and hl.shape[1] == 4
+    torch.testing.assert_close(torch.cat(parts, dim=1), full)
+
+
+def test_chela_long_kernel_reaches_back_k_minus_one_tokens():
+    """Causal: token t's q/k see inputs t - (K_short - 1) - (K_long - 1) .. t through the two convolutions."""
+    torch.manual_seed(0)
+    m = attnlab.create("chela", dim=16, heads=2, short_kernel=2, long_kernel=4).double()
+    x = torch.randn(1, 12, 16, dtype=f64)
+    z = m.convolve(x, causal=True, key_padding_mask=None, cache=None)
+    x2 = x.clone()
+    x2[:, 3] += 1.0
+    z2 = m.convolve(x2, causal=True, key_padding_mask=None, cache=None)
+    changed = (z2 - z).abs().amax(dim=-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [3, 4, 5, 6, 7]  # reach 1 + 3 = 4 tokens after position 3

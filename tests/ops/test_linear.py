@@ -369,3 +369,44 @@ def test_matches_fla_naive_based():
     s = D ** -0.25
     ours = linear_attention(taylor_features(q * s, 2), taylor_features(k * s, 2), v, causal=True, eps=1e-6)
     torch.testing.assert_close(ours, want.to(ours.dtype), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- depthwise convolution
+
+
+@pytest.mark.parametrize("taps", [6, 7])
+@pytest.mark.parametrize("method", ["direct", "fft"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_depthwise_conv1d_matches_its_definition(method, causal, taps):
+    from attnlab.ops.linear import depthwise_conv1d
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 13, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, taps, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    c = 0 if causal else (taps - 1) // 2
+    want = torch.stack([sum(w[:, j] * x[:, t - j + c] for j in range(taps) if 0 <= t - j + c < 13) + b
+                        for t in range(13)], dim=1)
+    torch.testing.assert_close(depthwise_conv1d(x, w, b, causal=causal, method=method), want)
+
+
+@pytest.mark.parametrize("method", ["direct", "fft"])
+@pytest.mark.parametrize("split", [2, 6, 9])
+def test_depthwise_conv1d_history_continues_the_sequence(method, split):
+    from attnlab.ops.linear import depthwise_conv1d
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 13, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    full = depthwise_conv1d(x, w, causal=True, method=method)
+    hist = x[:, max(0, split - 6): split]  # at most K - 1 earlier inputs are needed
+    torch.testing.assert_close(depthwise_conv1d(x[:, split:], w, causal=True, history=hist, method=method),
+                               full[:, split:])
+
+
+def test_depthwise_conv1d_bf16_runs_in_float32():
+    from attnlab.ops.linear import depthwise_conv1d
+
+    x = torch.randn(1, 4096, 8).bfloat16()
+    y = depthwise_conv1d(x, torch.randn(8, 512) / 30, method="fft")
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()

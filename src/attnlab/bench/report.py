@@ -17,7 +17,7 @@ from ..registry import get_spec
 from .common import BASELINE
 from .harness import write_atomic
 
-SUITES = ("ops", "speed", "memory", "fidelity", "recall", "peers", "parallel")
+SUITES = ("ops", "speed", "memory", "fidelity", "recall", "peers", "parallel", "scan")
 
 
 def load_results(out_dir: str | Path) -> dict[str, dict]:
@@ -312,6 +312,15 @@ def render_html(results: dict[str, dict]) -> str:
         from .ops import OPS_HEADER, ops_table_rows
 
         parts += ["<h2>Exact ops vs torch SDPA</h2>", _table(OPS_HEADER, ops_table_rows(ops))]
+    scan = results.get("scan", {}).get("records", [])
+    if scan:
+        from .scan import scan_tables
+
+        fh, fr, dh, dr, summary = scan_tables(scan)
+        parts += ["<h2>Linear-attention scan vs causal SDPA</h2><p class=note>Chunked causal linear attention "
+                  "(elu+1 features, ops/linear.py) against torch SDPA on the same inputs; decode = per-token time "
+                  "continuing a KVCache.</p>", _table(fh, fr), _table(dh, dr),
+                  "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary) + "</ul>"]
     par = results.get("parallel", {}).get("records", [])
     if par:
         parts += ["<h2>Parallel</h2>", _table(["mechanism", "config", "metric", "value", "unit"],

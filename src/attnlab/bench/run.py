@@ -1,6 +1,7 @@
 """`attnlab bench`: argument parsing, suite dispatch, progress, terminal tables, result files and the report.
 
-    attnlab bench [all|speed|memory|fidelity|recall|ops] [--quick | --full] [--only ID,...] [--family F]
+    attnlab bench [all|speed|memory|fidelity|recall|peers|ops|parallel|scan] [--quick | --full] [--only ID,...]
+                  [--family F]
 
 Each suite writes ``<out>/<suite>.json`` (schema: docs/bench.md) atomically; the HTML report
 ``<out>/index.html`` is then rebuilt from every suite file present.
@@ -20,7 +21,7 @@ from . import common
 from .harness import write_json
 
 console = make_console()
-SUITE_CHOICES = ("all", "speed", "memory", "fidelity", "recall", "peers", "ops", "parallel")
+SUITE_CHOICES = ("all", "speed", "memory", "fidelity", "recall", "peers", "ops", "parallel", "scan")
 ALL_SUITES = ("speed", "memory", "fidelity", "recall", "peers")
 
 
@@ -34,13 +35,19 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", nargs="?", default="all", choices=SUITE_CHOICES,
                    help="what to measure (all = speed, memory, fidelity, recall, peers; ops = the exact ops vs SDPA; "
-                        "parallel = ring/tree attention on 1, 2, 4 local gloo processes)")
+                        "parallel = ring/tree attention on 1, 2, 4 local gloo processes; scan = the linear-attention "
+                        "scan vs causal SDPA over N, its slope and crossover, and decode time vs context)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes, about 5 minutes in all (the default)")
     size.add_argument("--full", action="store_true", help="large sizes, LR sweep and seeds; long, run by hand")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], help="mechanism ids, comma-separated")
     p.add_argument("--family", help="only mechanisms of this family")
-    p.add_argument("--n", type=_ints, help="ops suite: sequence lengths, e.g. 1024,4096")
+    p.add_argument("--n", type=_ints, help="ops / scan suites: sequence lengths, e.g. 1024,4096")
+    p.add_argument("--contexts", type=_ints, help="scan suite: decode context lengths (default 1024,16384; quick "
+                   "1024,4096)")
+    p.add_argument("--threads", type=int, default=1, help="scan suite: torch threads per measurement (default 1: "
+                   "on a shared machine multi-threaded small ops mostly wait for their neighbours; 0 = torch's "
+                   "default)")
     p.add_argument("--impls", type=lambda s: tuple(x for x in s.split(",") if x),
                    help="ops suite: which of sdpa,attention,chunked_attention,reference_attention")
     p.add_argument("--passes", type=lambda s: tuple(x for x in s.split(",") if x), default=("fwd", "fwd+bwd"),
@@ -88,6 +95,8 @@ def run_bench(args: argparse.Namespace) -> int:
         _run_ops(args, out_dir, budget)
     elif args.suite == "parallel":
         _run_parallel(args, out_dir, budget)
+    elif args.suite == "scan":
+        _run_scan(args, out_dir, budget)
     else:
         suites = ALL_SUITES if args.suite == "all" else (args.suite,)
         for suite in suites:
@@ -242,3 +251,35 @@ def _run_parallel(args, out_dir: Path, budget: common.Budget) -> None:
     write_json(out_dir / "parallel.json", records, meta={"suite": "parallel", "mode": budget.name,
                                                         "total_len": total,
                                                         "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def _run_scan(args, out_dir: Path, budget: common.Budget) -> None:
+    from . import scan
+
+    full = budget.name == "full"
+    ns = args.n or (scan.FULL_NS if full else scan.QUICK_NS)
+    contexts = args.contexts or (scan.FULL_CONTEXTS if full else scan.QUICK_CONTEXTS)
+    repeats = args.repeats or (5 if full else 3)
+    t0 = time.perf_counter()
+    with _progress() as progress:
+        steps = _Steps(progress, "scan", 2 * len(ns) + len(scan.DECODE_MECHANISMS) * len(contexts))
+        records = scan.run_scan_bench(ns, contexts, repeats=repeats, decode_steps=32 if full else 16,
+                                      threads=args.threads or None, progress=steps)
+        steps.done()
+    fh, fr, dh, dr, summary = scan.scan_tables(records)
+    threads = records[0]["config"]["threads"] if records else args.threads
+    for title, header, rows in (
+            (f"attnlab bench scan: chunked causal linear attention (elu+1) vs causal SDPA (B=1, 8 heads, d=64, fp32, "
+             f"{threads} thread(s))", fh, fr),
+            ("decode with a KVCache: per-token time vs context", dh, dr)):
+        table = Table(title=title)
+        for col in header:
+            table.add_column(col, justify="left" if col == "mechanism" else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for line in summary:
+        console.print(line, markup=False)
+    write_json(out_dir / "scan.json", records, meta={"suite": "scan", "mode": budget.name, "ns": list(ns),
+                                                     "contexts": list(contexts), "threads": threads,
+                                                     "seconds": round(time.perf_counter() - t0, 1)})

@@ -28,11 +28,12 @@ from torch import Tensor, nn
 from ..errors import shape_error
 from ..ops import reference_attention
 from ..ops.linear import (
-    FORMS, elu_plus_one, exp_features, linear_attention, orthogonal_gaussian, positive_random_features,
+    FORMS, depthwise_conv1d, elu_plus_one, exp_features, linear_attention, orthogonal_gaussian, positive_random_features,
     taylor_feature_dim, taylor_features,
 )
 from ..ops.online import SoftmaxState, merge
 from ..ops.positions import apply_rope, rope_cos_sin
+from ..ops.window import band_plan, tiled_attention
 from ..registry import Caps, register
 from .base import Mechanism
 from .cache import KVCache
@@ -318,73 +319,39 @@ class LightningAttention2(_Lightning):
 # ==================================================================================================== based
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, *, causal: bool,
-                             key_padding_mask: Tensor | None = None, return_lse: bool = False):
-    """Exact softmax attention restricted to a band: query ``i`` sees keys ``i - window < j <= i`` (causal) or
-    ``|i - j| < window``; bottom-right aligned when there are more keys than queries (earlier keys = the past).
-
-    ``q (B, H, Nq, D)``, ``k, v (B, H, Nk, D)``, ``Nk >= Nq``. Blocked: queries in blocks of ``min(window, Nq)``,
-    each against the keys its band can reach, so time and memory are O(N * window), not O(N^2).
-    ``return_lse=True`` also returns the log-sum-exp ``(B, H, Nq)``, to merge with other key sets exactly.
-    """
-    B, H, Nq, D = q.shape
-    Nk = k.shape[2]
-    past = Nk - Nq
-    if past < 0:
-        raise shape_error("sliding_window_attention k", f"at least Nq = {Nq} keys", tuple(k.shape))
-    bs = max(1, min(window, Nq))
-    nb = math.ceil(Nq / bs)
-    # reach to the left / right, clipped to the keys that exist (a window wider than the sequence is full attention)
-    left, right = min(window - 1, Nk - 1), (0 if causal else min(window - 1, Nq - 1))
-    span = bs + left + right  # keys one block of queries can see
-    valid = torch.ones(B, Nk, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-    # pad so that query block b (absolute position past + b*bs) reads keys [past + b*bs - left, ... + span)
-    lpad = left
-    rpad = nb * bs + right - Nq
-    kp = F.pad(k, (0, 0, lpad, rpad))
-    vp = F.pad(v, (0, 0, lpad, rpad))
-    mp = F.pad(valid, (lpad, rpad), value=False)
-    kb = kp[:, :, past:].unfold(2, span, bs)  # (B, H, nb, D, span): block b reads from past + b * bs on
-    vb = vp[:, :, past:].unfold(2, span, bs)
-    mb = mp[:, past:].unfold(1, span, bs)  # (B, nb, span)
-    kb = rearrange(kb[:, :, :nb], "b h n d s -> (b n) h s d")
-    vb = rearrange(vb[:, :, :nb], "b h n d s -> (b n) h s d")
-    mb = rearrange(mb[:, :nb], "b n s -> (b n) s")
-    qb = rearrange(F.pad(q, (0, 0, 0, nb * bs - Nq)), "b h (n s) d -> (b n) h s d", s=bs)
-    r = torch.arange(bs, device=q.device)[:, None]
-    c = torch.arange(span, device=q.device)[None, :]
-    band = (c >= r) & (c <= r + left + right)  # key c of the block's span is within the window of query r
-    keep = band & mb[:, None, None, :]
-    if not return_lse:
-        out = reference_attention(qb, kb, vb, attn_mask=keep)
-        return rearrange(out, "(b n) h s d -> b h (n s) d", b=B)[:, :, :Nq]
-    out, lse = reference_attention(qb, kb, vb, attn_mask=keep, return_lse=True)
-    return (rearrange(out, "(b n) h s d -> b h (n s) d", b=B)[:, :, :Nq],
-            rearrange(lse, "(b n) h s -> b h (n s)", b=B)[:, :, :Nq])
-
-
 def _ones(batch: int, n: int, device) -> Tensor:
     return torch.ones(batch, n, dtype=torch.bool, device=device)
 
 
 def windowed(q: Tensor, k: Tensor, v: Tensor, window: int, *, causal: bool, key_padding_mask: Tensor | None,
              cache: KVCache | None, key: str, return_lse: bool = False):
-    """Sliding-window attention; with a cache, continue from the last ``window - 1`` keys kept in
-    ``cache.state[key]`` (an O(window) state, independent of the context length)."""
-    if cache is None:
-        return sliding_window_attention(q, k, v, window, causal=causal, key_padding_mask=key_padding_mask,
-                                        return_lse=return_lse)
-    pk, pv, pm = cache.state.get(key, (k[:, :, :0], v[:, :, :0], None))
-    B, n, p = q.shape[0], q.shape[2], pk.shape[2]
-    kk, vv = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-    mask = None
-    if pm is not None or key_padding_mask is not None:
-        mask = torch.cat([pm if pm is not None else _ones(B, p, q.device),
-                          key_padding_mask if key_padding_mask is not None else _ones(B, n, q.device)], dim=1)
-    o = sliding_window_attention(q, kk, vv, window, causal=True, key_padding_mask=mask, return_lse=return_lse)
-    tail = kk.shape[2] - max(window - 1, 0)
-    cache.state[key] = (kk[:, :, tail:], vv[:, :, tail:], None if mask is None else mask[:, tail:])
-    return o
+    """Exact softmax attention in a sliding window -- query ``i`` sees keys ``i - window < j <= i`` (causal) or
+    ``|i - j| < window`` -- on the band plan of :mod:`attnlab.ops.window` (O(N * window) time and memory).
+
+    ``q, k, v (B, H, N, D)``; ``return_lse=True`` also returns the log-sum-exp ``(B, H, N)``, to merge with other
+    key sets exactly. With a cache, the call continues from the last ``window - 1`` keys kept in
+    ``cache.state[key]`` (an O(window) state, independent of the context length): the band is bottom-right aligned,
+    so those earlier keys are the past of the new queries.
+    """
+    if not (isinstance(window, int) and window >= 1):
+        raise shape_error("windowed window", "a positive integer", window)
+    if cache is not None:
+        causal = True
+        pk, pv, pm = cache.state.get(key, (k[:, :, :0], v[:, :, :0], None))
+        B, n, p = q.shape[0], q.shape[2], pk.shape[2]
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        if pm is not None or key_padding_mask is not None:
+            key_padding_mask = torch.cat([pm if pm is not None else _ones(B, p, q.device),
+                                          key_padding_mask if key_padding_mask is not None
+                                          else _ones(B, n, q.device)], dim=1)
+        tail = k.shape[2] - max(window - 1, 0)
+        cache.state[key] = (k[:, :, tail:], v[:, :, tail:],
+                            None if key_padding_mask is None else key_padding_mask[:, tail:])
+    if q.shape[2] == 0:
+        o = q.new_zeros(*q.shape[:3], v.shape[-1])
+        return (o, q.new_full(q.shape[:3], float("-inf"))) if return_lse else o
+    plan = band_plan(q.shape[2], k.shape[2], window - 1, 0 if causal else window - 1)
+    return tiled_attention(q, k, v, plan, key_padding_mask=key_padding_mask, return_lse=return_lse)
 
 
 @register(
@@ -1256,3 +1223,103 @@ class InfiniteSelfAttention(Mechanism):
         a = a / (a.sum(-1, keepdim=True) + self.eps)
         pooled = torch.sigmoid(self.rho_logit).to(a.dtype) * torch.einsum("bhn,bhnd->bhd", a, v)
         return pooled.unsqueeze(2).expand_as(v)
+
+
+# ==================================================================================================== chela
+
+
+def _chela_flops(batch, n, heads, head_dim, causal=False, short_kernel=3, long_kernel=256, **kw):
+    # the scan (4 B H N d^2) plus the two depthwise convolutions over C = H d channels (direct count, 2 per tap)
+    return 4.0 * batch * heads * n * head_dim * head_dim + 2.0 * batch * n * heads * head_dim * (
+        short_kernel + min(long_kernel, n))
+
+
+@register(
+    "chela", family="linear", seed=True, catalog=195,
+    paper="Short-Long Convolutions Help Hardware-Efficient Linear Attention to Focus on Long Sequences",
+    arxiv="2406.08128",
+    complexity="O(N d^2 + N C log N) time (chunked scan + FFT long convolution); decoding state O(d^2 + K_long C)",
+    caps=Caps(causal=True, bidirectional=True, dims=(1,), decode=True, padding=True),
+    flops=_chela_flops, approximates_softmax=False,
+    test_kwargs=dict(dim=32, heads=4, short_kernel=3, long_kernel=8, long_branches=2, chunk_size=4),
+    bench_kwargs=dict(long_kernel=256),
+    summary="Short depthwise conv -> SiLU -> long (multi-branch, re-parameterised) depthwise conv gives the queries "
+            "and keys of a tiled (chunked) linear attention; values from the input, sigmoid output gate.",
+)
+class Chela(KernelAttention):
+    """CHELA (Liu et al., ICML 2024): short-long convolutions feeding hardware-efficient (chunked) linear attention.
+
+    ``S = silu(ShortConv(x))``, ``Z = LongConv(S)`` (depthwise, causal or centred), ``q = phi(Z W_q)``,
+    ``k = phi(Z W_k)``, ``v = x W_v`` with ``phi = elu + 1``; ``o = LinearAttention(q, k, v)`` on the chunked scan of
+    :mod:`attnlab.ops.linear`; ``y = (o * sigmoid(x W_g)) W_o``. The long kernel is the sum of ``long_branches``
+    kernels of lengths ``K, K/2, K/4, ...`` (each covering the most recent lags: structural re-parameterisation,
+    merged into one kernel before every call). What was read and what was guessed: docs/mechanisms/chela.md.
+
+    Args:
+        short_kernel: taps of the short convolution (default 3).
+        long_kernel: taps ``K`` of the long convolution (default 256; as long as the training sequences makes it
+            global). Decoding keeps the last ``short_kernel - 1`` and ``K - 1`` convolution inputs: a bounded state.
+        long_branches: re-parameterised branches of the long kernel (default 3).
+        conv_method: ``"auto"`` (FFT for long kernels), ``"direct"`` (the reference) or ``"fft"``.
+        form, chunk_size, eps, bias: as :class:`KernelAttention`.
+    """
+
+    state_key = "chela.linear"
+
+    def __init__(self, dim: int, heads: int = 8, *, short_kernel: int = 3, long_kernel: int = 256,
+                 long_branches: int = 3, conv_method: str = "auto", **kwargs) -> None:
+        super().__init__(dim, heads, **kwargs)
+        for name, val in (("short_kernel", short_kernel), ("long_kernel", long_kernel),
+                          ("long_branches", long_branches)):
+            if not (isinstance(val, int) and val >= 1):
+                raise shape_error(name, "a positive integer", val)
+        if conv_method not in ("auto", "direct", "fft"):
+            raise shape_error("conv_method", "'auto', 'direct' or 'fft'", repr(conv_method))
+        self.short_kernel, self.long_kernel, self.conv_method = short_kernel, long_kernel, conv_method
+        sizes = sorted({max(1, long_kernel >> i) for i in range(long_branches)}, reverse=True)
+        self.long_sizes = tuple(sizes)
+        # depthwise taps, scaled like a fan-in initialisation; short kernel: identity-leaning (current token first)
+        self.short_weight = nn.Parameter(torch.randn(dim, short_kernel) * short_kernel ** -0.5)
+        self.short_bias = nn.Parameter(torch.zeros(dim))
+        self.long_weights = nn.ParameterList(
+            [nn.Parameter(torch.randn(dim, k) * (k * len(sizes)) ** -0.5) for k in sizes])
+        self.gate_proj = nn.Linear(dim, heads * self.head_dim, bias=kwargs.get("bias", False))
+
+    def long_weight(self) -> Tensor:
+        """The merged long kernel ``(C, K)``: each branch zero-padded on the far-past side and summed."""
+        return sum(F.pad(w, (0, self.long_kernel - w.shape[1])) for w in self.long_weights)
+
+    def features(self, q, k):
+        return elu_plus_one(q), elu_plus_one(k)
+
+    def convolve(self, x: Tensor, *, causal: bool, key_padding_mask: Tensor | None,
+                 cache: KVCache | None) -> Tensor:
+        """``Z = LongConv(silu(ShortConv(x)))`` with padded tokens zeroed before each convolution (so they act as
+        the zeros beyond the sequence's end); with a cache, each convolution continues from its kept inputs."""
+        keep = None if key_padding_mask is None else key_padding_mask[..., None].to(x.dtype)
+        if keep is not None:
+            x = x * keep
+        hist_s = hist_l = None
+        if cache is not None:
+            hist_s, hist_l = cache.state.get("chela.conv", (None, None))
+        s = F.silu(depthwise_conv1d(x, self.short_weight, self.short_bias, causal=causal, history=hist_s,
+                                    method=self.conv_method))
+        if keep is not None:
+            s = s * keep
+        z = depthwise_conv1d(s, self.long_weight(), causal=causal, history=hist_l, method=self.conv_method)
+        if cache is not None:
+            def last(prev, new, m):  # the last m - 1 inputs: all a causal kernel of m taps still needs
+                seq = new if prev is None else torch.cat([prev, new], dim=1)
+                return seq[:, max(0, seq.shape[1] - (m - 1)):]
+            cache.state["chela.conv"] = (last(hist_s, x, self.short_kernel), last(hist_l, s, self.long_kernel))
+        return z
+
+    def attend(self, x, *, causal, key_padding_mask, hw, cache):
+        z = self.convolve(x, causal=causal, key_padding_mask=key_padding_mask, cache=cache)
+        q = rearrange(self.q_proj(z), "b n (h d) -> b h n d", h=self.heads)
+        k = rearrange(self.k_proj(z), "b n (h d) -> b h n d", h=self.heads)
+        v = rearrange(self.v_proj(x), "b n (h d) -> b h n d", h=self.heads)
+        fq, fk = self.features(q, k)
+        o = self.scan(fq, fk, v, causal=causal, key_padding_mask=key_padding_mask, cache=cache)
+        _advance(cache, x.shape[1])
+        return self.o_proj(rearrange(o, "b h n d -> b n (h d)") * torch.sigmoid(self.gate_proj(x)))

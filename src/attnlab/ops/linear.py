@@ -43,7 +43,7 @@ from ..errors import shape_error
 __all__ = [
     "LinearState", "linear_attention", "elu_plus_one", "relu_features", "exp_features", "taylor_features",
     "taylor_feature_dim", "taylor_kernel", "positive_random_features", "orthogonal_gaussian", "binary_hash_features",
-    "FORMS",
+    "FORMS", "depthwise_conv1d",
 ]
 
 FORMS = ("chunked", "parallel", "recurrent")
@@ -637,3 +637,50 @@ def _weighted(q, k, v, a, s0, m0, form, C):
     inter = (qc @ before.unsqueeze(2)) * torch.exp(prior.unsqueeze(-1) - sh)[:, :, None, :, :, None]
     o = A @ vc.unsqueeze(2) + inter
     return rearrange(o, "b h g n c e -> b h g (n c) e")[:, :, :, :N], S, P
+
+
+# ========================================================================= depthwise 1-D convolution (CHELA)
+
+
+def depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, causal: bool = True,
+                     history: Tensor | None = None, method: str = "auto") -> Tensor:
+    """Per-channel 1-D convolution along the sequence, ``x (B, N, C)``, ``weight (C, K)`` -> ``(B, N, C)``.
+
+    Causal: ``y_t = sum_{j<K} w[:, j] x_{t-j}`` (``w[:, 0]`` weighs the current token; earlier tokens than the
+    first are ``history (B, P, C)``, the last ``P <= K - 1`` inputs of a previous call, else zeros). Not causal: the
+    kernel is centred, ``y_t = sum_j w[:, j] x_{t-j+c}`` with ``c = (K - 1) // 2``, zeros beyond both ends.
+    ``method``: ``"direct"`` (``F.conv1d``, O(N K): the reference), ``"fft"`` (O(N log N), for long kernels) or
+    ``"auto"`` (FFT from K = 64 on). Computed in float32 (float64 for float64 inputs), returned in ``x``'s dtype.
+    """
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
+        raise shape_error("depthwise_conv1d", "x (B, N, C) and weight (C, K)",
+                          f"x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if method not in ("auto", "direct", "fft"):
+        raise shape_error("depthwise_conv1d method", "'auto', 'direct' or 'fft'", repr(method))
+    if history is not None and not causal:
+        raise ValueError("depthwise_conv1d: history expected with causal=True, received causal=False")
+    B, N, C = x.shape
+    K = weight.shape[1]
+    cd = _compute_dtype(x.dtype)
+    xs = x.to(cd)
+    P = 0
+    if history is not None:
+        P = history.shape[1]
+        xs = torch.cat([history.to(cd), xs], dim=1)
+    w = weight.to(cd)
+    xt = rearrange(xs, "b n c -> b c n")
+    if method == "direct" or (method == "auto" and K < 64):
+        pad = (K - 1 - P, 0) if causal else (K - 1 - (K - 1) // 2, (K - 1) // 2)
+        # conv1d is a cross-correlation: flipping the taps turns it into the convolution above
+        y = F.conv1d(F.pad(xt, (max(pad[0], 0), pad[1])), w.flip(-1).unsqueeze(1), groups=C)
+        y = y[..., y.shape[-1] - N:] if causal else y
+    else:
+        L = xt.shape[-1] + K - 1
+        nfft = 1 << max(0, (L - 1).bit_length())
+        full = torch.fft.irfft(torch.fft.rfft(xt, n=nfft) * torch.fft.rfft(w, n=nfft), n=nfft)
+        # full[t] = sum_j w[j] x[t - j]: causal outputs are full[P : P + N], centred ones full[c : c + N]
+        start = P if causal else (K - 1) // 2
+        y = full[..., start: start + N]
+    if bias is not None:
+        y = y + bias.to(cd)[:, None]
+    return rearrange(y, "b c n -> b n c").to(x.dtype)

@@ -398,7 +398,8 @@ BiasFn = Callable[[Tensor], Tensor]
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None,
-                    key_padding_mask: Tensor | None = None, bias: Tensor | BiasFn | None = None) -> Tensor:
+                    key_padding_mask: Tensor | None = None, bias: Tensor | BiasFn | None = None,
+                    return_lse: bool = False):
     """Exact softmax attention restricted to a :class:`TilePlan`, without forming the N x N matrix.
 
     ``q (B, Hq, q_len, D)``, ``k, v (B, Hkv, k_len, D[v])`` in flat (raster) order; GQA by broadcasting.
@@ -406,7 +407,9 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
     broadcastable to ``(B*T, Hq, tq, tk)`` (e.g. ``(1, Hq, tq, tk)``, the same for every tile), a 5-D tensor
     broadcastable to ``(B, T, Hq, tq, tk)``, or a function of the query tiles ``(B*T, Hq, tq, D)`` returning a 4-D
     tensor (content-dependent relative positions). A query that sees no key returns 0.
-    Returns ``(B, Hq, q_len, Dv)``. Gathers the tiles, calls :func:`tile_attention`, scatters the result.
+    Returns ``(B, Hq, q_len, Dv)``; with ``return_lse`` also the log-sum-exp ``(B, Hq, q_len)`` over each query's
+    visible keys (float32/64, ``-inf`` where none), to merge with attention over other key sets.
+    Gathers the tiles, calls :func:`tile_attention`, scatters the result.
     """
     s = check_inputs(q, k, v, key_padding_mask, None, scale)
     if s.q_len != plan.q_len or s.kv_len != plan.k_len:
@@ -419,18 +422,24 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
         kt, vt = (_window_tiles(t, *plan.k_window, T, tk) for t in (k, v))
     else:
         kt, vt = gather_tiles(k, plan.k_index), gather_tiles(v, plan.k_index)
-    o = tile_attention(qt, kt, vt, plan, B, scale=scale, key_padding_mask=key_padding_mask, bias=bias)
-    return scatter_tiles(o, plan, B)
+    o = tile_attention(qt, kt, vt, plan, B, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
+                       return_lse=return_lse)
+    if not return_lse:
+        return scatter_tiles(o, plan, B)
+    o, lse = o
+    return scatter_tiles(o, plan, B), scatter_tiles(lse.unsqueeze(-1), plan, B).squeeze(-1)
 
 
 def tile_attention(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, batch: int, *, scale: float | None = None,
-                   key_padding_mask: Tensor | None = None, bias: Tensor | BiasFn | None = None) -> Tensor:
+                   key_padding_mask: Tensor | None = None, bias: Tensor | BiasFn | None = None,
+                   return_lse: bool = False):
     """The attention step of :func:`tiled_attention` on tensors already in tile layout.
 
     ``qt (B*T, Hq, tq, D)``, ``kt, vt (B*T, Hkv, tk, D[v])`` (tile ``t`` of batch element ``b`` at ``b * T + t``), as
     produced by :func:`gather_tiles` -- or by projecting :func:`gather_rows` of the input, which moves the input once
     instead of q, k and v (window mechanisms do that). ``key_padding_mask (B, k_len)`` and ``bias`` as in
-    :func:`tiled_attention`. Returns ``(B*T, Hq, tq, Dv)``; one SDPA call.
+    :func:`tiled_attention`. Returns ``(B*T, Hq, tq, Dv)`` (and the log-sum-exp ``(B*T, Hq, tq)`` with
+    ``return_lse``, computed by the chunked exact op since SDPA does not return it); one attention call.
     """
     plan = plan.to(qt.device)
     B, T, tq, tk = batch, plan.tiles, plan.tq, plan.tk
@@ -442,7 +451,7 @@ def tile_attention(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, batch: in
         mask = None if keep is None else _additive_keep(plan, qt.dtype, str(qt.device))
         if mask is not None and B > 1:
             mask = mask[None].expand(B, *mask.shape).reshape(B * T, 1, tq, tk)
-        return attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
     if key_padding_mask is not None:
         kpm = key_padding_mask.index_select(1, plan.k_index.reshape(-1)).view(B, T, 1, tk)
         keep = kpm if keep is None else keep[None] & kpm  # (B, T, tq | 1, tk)
@@ -455,7 +464,7 @@ def tile_attention(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, batch: in
         b = bias(qt) if callable(bias) else _fold_bias(bias, B, T)
         b = b.to(qt.dtype)
         mask = b if keep is None else b.masked_fill(~keep, float("-inf"))
-    return attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
