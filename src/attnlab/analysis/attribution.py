@@ -391,7 +391,8 @@ class AttributionResult(Result):
         rho = self.spearman
         methods = [m for m in rho if m != "input_x_grad"]
         parts = ", ".join(f"{m} {_fmt(rho[m]['loo'])}" for m in methods)
-        out.append(f"Spearman with leave-one-token-out importance ({self.loo_mode} by {self.baseline_token!r}, "
+        how = "removed" if self.loo_mode == "remove" else f"replaced by {self.baseline_token!r}"
+        out.append(f"Spearman with leave-one-token-out importance (token {how}, "
                    f"{len(self.positions)} tokens): {parts}; input x gradient {_fmt(rho['input_x_grad']['loo'])}.")
         parts = ", ".join(f"{m} {_fmt(rho[m]['input_x_grad'])}" for m in methods)
         out.append(f"Spearman with |input x gradient|: {parts}.")
@@ -409,8 +410,8 @@ class AttributionResult(Result):
     def sections(self) -> list[str]:
         head = f"<h3>Attention {html.escape(self.kind)} vs leave-one-out and input x gradient ({html.escape(self.model)})</h3>"
         rows = [[m, _fmt(v["loo"]), _fmt(v["input_x_grad"])] for m, v in self.spearman.items()]
-        out = [head, note(f"Target: {self.target}. {len(self.positions)} tokens compared; LOO = {self.loo_mode} by "
-                          f"{self.baseline_token!r}."),
+        how = "removed" if self.loo_mode == "remove" else f"replaced by {self.baseline_token!r}"
+        out = [head, note(f"Target: {self.target}. {len(self.positions)} tokens compared; LOO: token {how}."),
                table(["attribution", "Spearman vs LOO", "Spearman vs |input x grad|"], rows)]
         for m in ("rollout", "flow", "relevance"):
             if m in self.scores:
