@@ -300,8 +300,11 @@ class Capture:
 
         if want & {"probs", "logits"}:
             if probs_all is not None:
-                logits = logits_all[:, hidx]
-                probs = probs_all[:, hidx]
+                # all heads: keep the very tensors the output was computed from, so their .grad (explicit mode)
+                # is populated by backward and torch.autograd.grad can take them as inputs; a head subset is a copy
+                every = heads == list(range(H))
+                logits = logits_all if every else logits_all[:, hidx]
+                probs = probs_all if every else probs_all[:, hidx]
                 if rows is not None:
                     logits, probs = logits[:, :, rows], probs[:, :, rows]
             else:
