@@ -62,3 +62,23 @@ def test_no_orphan_doc_pages():
     ids = {s.id for s in SPECS}
     orphans = [p.name for p in (ROOT / "docs" / "mechanisms").glob("*.md") if p.stem not in ids]
     assert not orphans, f"doc pages without a registered mechanism: {orphans}"
+
+
+ANALYSIS_PAGES = sorted((ROOT / "docs" / "analysis").glob("*.md"))
+
+
+@pytest.mark.parametrize("page", ANALYSIS_PAGES, ids=lambda p: p.name)
+def test_analysis_pages_run(page, tmp_path):
+    pytest.importorskip("transformers")
+    for code in python_blocks(page):
+        run_block(code, str(page.relative_to(ROOT)), tmp_path)
+
+
+def test_every_analysis_is_documented():
+    from attnlab.analysis import ANALYSES
+
+    text = "\n".join(p.read_text() for p in ANALYSIS_PAGES)
+    missing = [name for name in ANALYSES if f"`{name}`" not in text]
+    assert not missing, f"analyses without a doc section in docs/analysis/: {missing}"
+    links = re.findall(r"\]\(([\w-]+\.md)\)", (ROOT / "docs" / "analysis" / "index.md").read_text())
+    assert all((ROOT / "docs" / "analysis" / link).is_file() for link in links), links

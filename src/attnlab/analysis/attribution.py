@@ -37,6 +37,7 @@ from ..htmlkit import note, table
 from ..models.loaders import LoadedModel
 from .base import Inputs, Result, analysis, next_token_loss, sentence_embedding
 from .capture import Capture, attention_modules
+from .metrics import spearman
 from .figures import line_plot, token_colors
 
 __all__ = [
@@ -160,18 +161,10 @@ def saliency_share(attention: Tensor, saliency: Tensor) -> Tensor:
     return torch.minimum(a, s).sum(-1)
 
 
-def spearman(a, b) -> float | None:
-    """Spearman rank correlation of two equal-length vectors (None when undefined, e.g. a constant vector)."""
-    from scipy.stats import spearmanr
-
-    x = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
-    y = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
-    if x.numel() != y.numel():
-        raise ValueError(f"spearman: expected two vectors of one length, received {x.numel()} and {y.numel()}")
-    if x.numel() < 3 or float(x.std()) == 0 or float(y.std()) == 0:
-        return None
-    rho = float(spearmanr(x.numpy(), y.numpy()).statistic)
-    return rho if math.isfinite(rho) else None
+def _rho(a, b) -> float | None:
+    """Spearman (:func:`attnlab.analysis.metrics.spearman`), None where it is undefined (e.g. a constant vector)."""
+    r = spearman(a, b)
+    return None if math.isnan(r) else r
 
 
 def aopc(curve, *, insertion: bool = False) -> float:
@@ -441,8 +434,8 @@ def _compare(lm: LoadedModel, inp: Inputs, *, kind: str, tokens: int | None, res
     loo_full = torch.zeros(ids.shape[1])
     loo_full[pos] = imp
     ixg = p.ixg.abs()[pos]
-    rho = {m: {"loo": spearman(s[pos], imp), "input_x_grad": spearman(s[pos], ixg)} for m, s in scores.items()}
-    rho["input_x_grad"] = {"loo": spearman(ixg, imp), "input_x_grad": 1.0}
+    rho = {m: {"loo": _rho(s[pos], imp), "input_x_grad": _rho(s[pos], ixg)} for m, s in scores.items()}
+    rho["input_x_grad"] = {"loo": _rho(ixg, imp), "input_x_grad": 1.0}
     return AttributionResult(
         model=lm.info.name, kind=kind, target=p.target.describe, tokens=lm.tokens(ids), positions=pos.tolist(),
         scores={m: s.tolist() for m, s in scores.items()}, loo=loo_full.tolist(), input_x_grad=p.ixg.tolist(),
@@ -620,7 +613,7 @@ def run_saliency_share(lm: LoadedModel, inp: Inputs, *, tokens: int | None = Non
         model=lm.info.name, target=p.target.describe, n_tokens=n,
         share_input=saliency_share(rows, sal).tolist(),
         share_layer=[float(saliency_share(rows[i], p.layer_sal[i])) for i in range(rows.shape[0])],
-        spearman_input=[spearman(r, sal) for r in rows],
+        spearman_input=[_rho(r, sal) for r in rows],
         share_mean_attention=float(saliency_share(rows.mean(0), sal)),
         share_rollout=float(saliency_share(w @ rollout(p.attn, residual=residual), sal)),
         share_uniform=float(saliency_share(torch.ones(n), sal)))

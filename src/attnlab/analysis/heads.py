@@ -28,6 +28,7 @@ from ..models.loaders import LoadedModel
 from . import figures
 from .base import Inputs, Result, analysis, next_token_loss, sentence_embedding
 from .capture import Capture, LayerRecord, head_gates
+from .metrics import spearman
 
 __all__ = [
     "HeadImportanceResult", "PatternHeadsResult", "ablation_importance", "induction_scores", "normalize_per_layer",
@@ -39,32 +40,6 @@ Head = tuple[int, int]
 
 
 # ------------------------------------------------------------------------------------------- pure functions
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two equally shaped tensors over the entries finite in both (ties get their
-    average rank). NaN with fewer than 3 such entries or a constant input."""
-    if a.shape != b.shape:
-        raise ValueError(f"spearman: expected equal shapes, received {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = a.flatten().double(), b.flatten().double()
-    ok = torch.isfinite(a) & torch.isfinite(b)
-    a, b = a[ok], b[ok]
-    if len(a) < 3:
-        return float("nan")
-
-    def rank(x: Tensor) -> Tensor:
-        r = torch.empty_like(x)
-        r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
-        for v in x.unique():  # average rank of ties
-            m = x == v
-            if m.sum() > 1:
-                r[m] = r[m].mean()
-        return r
-
-    ra, rb = rank(a), rank(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = (ra.norm() * rb.norm()).item()
-    return float((ra @ rb).item() / den) if den > 0 else float("nan")
-
-
 def normalize_per_layer(importance: Tensor) -> Tensor:
     """Michel et al.'s layer normalisation: each layer's scores divided by their l2 norm. ``(L, H) -> (L, H)``."""
     if importance.ndim != 2:

@@ -18,6 +18,7 @@ Statistics (each documented at its function):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,33 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------- masks
+def spearman(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> float:
+    """Spearman rank correlation of two equally shaped tensors over the entries finite in both (ties get their
+    average rank). NaN with fewer than 3 such entries or a constant input."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman: expected equal shapes, received {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.flatten().double(), b.flatten().double()
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = a[ok], b[ok]
+    if len(a) < 3:
+        return float("nan")
+
+    def rank(x: Tensor) -> Tensor:
+        r = torch.empty_like(x)
+        r[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+        for v in x.unique():  # average rank of ties
+            m = x == v
+            if m.sum() > 1:
+                r[m] = r[m].mean()
+        return r
+
+    ra, rb = rank(a), rank(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den > 0 else float("nan")
+
+
 def _check(probs: Tensor, *, square: bool = False) -> None:
     if not isinstance(probs, Tensor) or probs.ndim != 4:
         shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__

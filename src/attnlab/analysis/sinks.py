@@ -32,6 +32,7 @@ from ..htmlkit import note, table
 from ..models.loaders import LoadedModel
 from .base import Inputs, Result, analysis, causal_only, next_token_loss
 from .capture import Capture
+from .metrics import spearman
 from .figures import heatmap, line_plot, token_colors
 
 __all__ = [
@@ -102,28 +103,6 @@ def massive_activations(hidden: Tensor, factor: float = 100.0) -> Tensor:
     a = hidden.abs().float()
     med = a.flatten(1).median(dim=1).values
     return a > factor * med[:, None, None]
-
-
-def spearman(x: Tensor, y: Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (average ranks for ties); NaN when either is constant."""
-    x, y = x.reshape(-1).double(), y.reshape(-1).double()
-    if x.numel() != y.numel():
-        raise ValueError(f"spearman: expected equal lengths, received {x.numel()} and {y.numel()}")
-
-    def rank(v: Tensor) -> Tensor:
-        order = v.argsort()
-        r = torch.empty_like(v)
-        r[order] = torch.arange(v.numel(), dtype=v.dtype)
-        for u in v.unique():  # average ties
-            sel = v == u
-            if sel.sum() > 1:
-                r[sel] = r[sel].mean()
-        return r
-
-    rx, ry = rank(x), rank(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    den = rx.norm() * ry.norm()
-    return float("nan") if den == 0 else float((rx @ ry) / den)
 
 
 def act_edit(probs: Tensor, vis: Tensor, *, threshold: float = 0.2, beta: float = 0.4, skip_first: int = 1,
