@@ -8,3 +8,4 @@ from .capture import Capture, head_gates  # noqa: F401
 from .text import eval_text  # noqa: F401
 
 # analysis modules (each registers its analyses on import)
+from . import retrieval  # noqa: F401,E402  retrieval-heads, attention-influence
