@@ -104,12 +104,15 @@ def test_retrieval_heads_smollm2_smallest(smollm2):
 
 def test_attention_influence_smollm2_smallest(smollm2):
     heads = [(5, 1), (10, 2), (15, 3), (20, 4)]
-    r = run_attention_influence(smollm2, None, heads=heads, doc_tokens=24, n_prose=2, n_code=2, n_math=1)
+    r = run_attention_influence(smollm2, None, heads=heads, doc_tokens=20, n_prose=2, n_code=2, n_math=1)
     assert len(r.docs) == 5 and sorted(d["rank"] for d in r.docs) == [1, 2, 3, 4, 5]
     for d in r.docs:
         assert d["influence"] == pytest.approx((d["masked_loss"] - d["base_loss"]) / d["base_loss"], rel=1e-4)
     assert set(r.category_mean) == {"code", "math", "prose"}
     assert set(r.stability) == {"head_halves", "token_halves", "vs_random_heads"}
+    r2 = run_attention_influence(smollm2, None, heads=heads, doc_tokens=12, n_prose=2, n_code=1, n_math=1,
+                                 random_control=False)
+    assert set(r2.stability) == {"head_halves", "token_halves"} and len(r2.findings()) == 2
     assert all(-1 <= v <= 1 for v in r.stability.values() if not math.isnan(v))
     json.dumps(r.to_json())
     assert len(r.findings()) == 2 and r.sections()[0].startswith("<h3>")
