@@ -23,7 +23,6 @@ documents score higher.
 
 from __future__ import annotations
 
-import html
 import inspect
 import math
 import random
@@ -464,6 +463,7 @@ class AttentionInfluenceResult(Result):
     category_mean: dict[str, float] = field(default_factory=dict)
     reasoning_over_prose: float = 0.0  # P(influence(code or math doc) > influence(prose doc))
     stability: dict[str, float] = field(default_factory=dict)
+    vs_base_loss: float = 0.0  # Spearman(influence, unmasked loss): how much the ranking just follows the loss
     doc_tokens: int = 0
     seconds: float = 0.0
 
@@ -477,7 +477,8 @@ class AttentionInfluenceResult(Result):
                 f"Stability (Spearman of the document ranking): two halves of the masked heads "
                 f"{s.get('head_halves', float('nan')):.2f}; token subsets "
                 f"{s.get('token_halves', float('nan')):.2f} (even vs odd token positions); retrieval heads vs as "
-                f"many random heads {s.get('vs_random_heads', float('nan')):.2f} (low = specific to the heads)."]
+                f"many random heads {s.get('vs_random_heads', float('nan')):.2f} (low = specific to the heads); "
+                f"influence vs the unmasked loss {self.vs_base_loss:.2f}."]
 
     def sections(self) -> list[str]:
         rows = [[d["rank"], d["name"], d["category"], f"{d['base_loss']:.3f}", f"{d['masked_loss']:.3f}",
@@ -487,7 +488,8 @@ class AttentionInfluenceResult(Result):
                 note(f"Influence = (loss with heads {heads} masked - loss) / loss, per document of "
                      f"{self.doc_tokens} tokens; {self.seconds:.1f} s."),
                 table(["category", "mean influence"], [[k, f"{100 * v:+.2f}%"] for k, v in self.category_mean.items()]),
-                table(["stability", "Spearman"], [[k, f"{v:.3f}"] for k, v in self.stability.items()]),
+                table(["Spearman of the ranking", "value"],
+                      [[k, f"{v:.3f}"] for k, v in {**self.stability, "vs_base_loss": self.vs_base_loss}.items()]),
                 table(["rank", "document", "category", "loss", "masked loss", "influence"], rows)]
 
 
@@ -561,4 +563,5 @@ def run_attention_influence(lm: LoadedModel, inp: Inputs | None = None, *, n_hea
     return AttentionInfluenceResult(
         model=lm.info.name, heads=[list(h) for h in heads], docs=rows, category_mean=cat_mean,
         reasoning_over_prose=sum(pairs) / len(pairs) if pairs else float("nan"), stability=stability,
+        vs_base_loss=spearman(infl, base.mean(1)),
         doc_tokens=doc_tokens, seconds=time.perf_counter() - t0)
