@@ -13,3 +13,4 @@ from . import heads  # noqa: F401,E402
 from . import sinks  # noqa: F401,E402
 from . import collapse  # noqa: F401,E402
 from . import attribution  # noqa: F401  (rollout, flow, relevance, saliency-share)
+from . import retrieval  # noqa: F401,E402  retrieval-heads, attention-influence
