@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import random
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ from ..htmlkit import note, table
 from ..models.loaders import LoadedModel
 from .base import Inputs, Result, analysis, causal_only, next_token_loss
 from .capture import Capture, head_gates
+from .metrics import spearman
 from .figures import heatmap
 from .text import eval_text, topic_names
 
@@ -81,29 +83,6 @@ def retrieval_score(probs: Tensor, generated: Tensor, context_ids: Tensor, needl
     rel = (arg - start).clamp(0, stop - start - 1)  # needle offset (meaningful where copied)
     hit = torch.zeros(L, H, stop - start).scatter_reduce(-1, rel, copied.float(), reduce="amax")
     return hit.sum(-1) / (stop - start)  # distinct needle positions copied / needle length
-
-
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (average ranks for ties); NaN if either is constant."""
-    a, b = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
-    if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"spearman: expected two 1-D tensors of equal length >= 2, received {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
-
-    def ranks(x: Tensor) -> Tensor:
-        order = x.argsort()
-        r = torch.empty_like(x)
-        r[order] = torch.arange(len(x), dtype=x.dtype)
-        for v in x.unique():  # average ranks of ties
-            m = x == v
-            if m.sum() > 1:
-                r[m] = r[m].mean()
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = ra.norm() * rb.norm()
-    return float("nan") if den == 0 else float((ra @ rb) / den)
 
 
 def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
@@ -326,17 +305,18 @@ class RetrievalHeadsResult(Result):
         return parts
 
 
-_SCORED: dict[tuple, tuple] = {}  # (model, settings) -> last retrieval scoring, so attention-influence reuses it
+# model -> {settings: retrieval scoring}, so that attention-influence reuses what retrieval-heads computed in the
+# same process; weak keys: the cache never keeps a model alive
+_SCORED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def _retrieval(lm: LoadedModel, lengths, depths, *, seed: int, value_kind: str, decode: str):
-    key = (id(lm.model), tuple(lengths), tuple(depths), seed, value_kind, decode)
-    if key in _SCORED and _SCORED[key][0] is lm.model:
-        return _SCORED[key][1]
-    out = _score_all(lm, lengths, depths, seed=seed, value_kind=value_kind, decode=decode)
-    _SCORED.clear()  # keep one entry: the scores are small, the model reference is not ours to hold many of
-    _SCORED[key] = (lm.model, out)
-    return out
+    key = (tuple(lengths), tuple(depths), seed, value_kind, decode)
+    per_model = _SCORED.setdefault(lm.model, {})
+    if key not in per_model:
+        per_model.clear()  # one entry per model is enough
+        per_model[key] = _score_all(lm, lengths, depths, seed=seed, value_kind=value_kind, decode=decode)
+    return per_model[key]
 
 
 def _score_all(lm: LoadedModel, lengths, depths, *, seed: int, value_kind: str, decode: str):
