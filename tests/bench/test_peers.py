@@ -74,7 +74,12 @@ def test_biformer_skip_is_one_record_with_the_reason(tmp_path):
 
 @pytest.mark.skipif(not BIFORMER_SRC, reason=f"set {peers.BIFORMER_ENV} to a checkout of rayleizhu/BiFormer")
 def test_official_biformer_agrees_with_attnlab():
+    import torch
+
+    before = torch.get_num_threads()
     recs = peers.biformer_official(side=16, n_win=4, topk=2, dim=16, heads=2, side_dwconv=3, repeats=1)
+    assert torch.get_num_threads() == before  # the single-thread timing run restores the setting
+    assert {r["config"]["threads"] for r in recs} == {before, 1}
     diffs = {r["config"]["peer"]: r["value"] for r in recs if r["metric"] == "max_abs_diff"}
     assert "biformer-official" in diffs and all(d < 1e-5 for d in diffs.values()), diffs
     speeds = {(r["config"]["level"], r["config"]["peer"]) for r in recs if r["metric"] == "speed_vs_peer"}

@@ -254,7 +254,8 @@ def _share_biformer_weights(ours: torch.nn.Module, legacy: torch.nn.Module, nchw
 
 
 def biformer_official(src: str | os.PathLike | None = None, side: int = 56, n_win: int = 8, topk: int = 4,
-                      dim: int = 64, heads: int = 2, side_dwconv: int = 5, repeats: int = 5) -> list[dict]:
+                      dim: int = 64, heads: int = 2, side_dwconv: int = 5, repeats: int = 5,
+                      threads: tuple[int | None, ...] = (None, 1)) -> list[dict]:
     """attnlab's ``biformer`` beside the official BiFormer modules and dense SDPA on one ``side x side`` map.
 
     Defaults: the paper's stage-1 map of a 224 image (56x56 tokens), 8 regions per side, top-4, BiFormer-T/S
@@ -265,6 +266,10 @@ def biformer_official(src: str | os.PathLike | None = None, side: int = 56, n_wi
     LePE, output), attnlab vs the official legacy module, the official nchw module (when present) and the dense
     ``mha`` layer (same width, SDPA core). Core level: attnlab's routing + gathered attention vs SDPA on the same
     q/k/v (no projections, no LePE). Forward only, no grad, fp32.
+
+    Each entry of ``threads`` is one timing run with that many torch threads (None = the process's setting),
+    recorded in the config: on a loaded machine, multi-threaded runs of many small kernels measure thread
+    hand-offs more than the algorithm, so a single-thread run is kept beside the default one.
     """
     from .. import create
 
@@ -300,25 +305,31 @@ def biformer_official(src: str | os.PathLike | None = None, side: int = 56, n_wi
         ref = fns["attnlab"]().reshape(x_map.shape)
         diffs = {p: (fns[p]().reshape(x_map.shape) - ref).abs().max().item()
                  for p in fns if p.startswith("biformer-official")}
-        t = _interleaved(fns, repeats)
-        tc = _interleaved(core, repeats)
 
     def timing(c: dict, side_: str, tt: dict) -> dict:
         return make_record("peers", "biformer", {**c, "side": side_}, "time_s", tt[side_]["median"], "s",
                            min=tt[side_]["min"], max=tt[side_]["max"], repeats=tt[side_]["repeats"])
 
     out: list[dict] = []
-    for level, times in (("module", t), ("core", tc)):
-        for peer in times:
-            if peer == "attnlab":
-                continue
-            c = {**cfg, "peer": peer, "level": level}
-            out += [timing(c, "attnlab", times), timing(c, peer, times),
-                    make_record("peers", "biformer", c, "speed_vs_peer",
-                                times[peer]["median"] / times["attnlab"]["median"], "x")]
-            if peer in diffs:
-                out.append(make_record("peers", "biformer", c, "max_abs_diff", diffs[peer], "",
-                                       max_abs_output=ref.abs().max().item()))
+    default_threads = torch.get_num_threads()
+    for n_threads in threads:
+        torch.set_num_threads(n_threads or default_threads)
+        try:
+            with torch.no_grad():
+                t, tc = _interleaved(fns, repeats), _interleaved(core, repeats)
+        finally:
+            torch.set_num_threads(default_threads)
+        for level, times in (("module", t), ("core", tc)):
+            for peer in times:
+                if peer == "attnlab":
+                    continue
+                c = {**cfg, "peer": peer, "level": level, "threads": n_threads or default_threads}
+                out += [timing(c, "attnlab", times), timing(c, peer, times),
+                        make_record("peers", "biformer", c, "speed_vs_peer",
+                                    times[peer]["median"] / times["attnlab"]["median"], "x")]
+                if peer in diffs:  # the outputs do not depend on the thread count: one check, repeated per row
+                    out.append(make_record("peers", "biformer", c, "max_abs_diff", diffs[peer], "",
+                                           max_abs_output=ref.abs().max().item()))
     return out
 
 
@@ -336,5 +347,5 @@ def run_peers(quick: bool = True, progress: Progress | None = None,
     records += fla_linear(n=2048 if quick else 8192, repeats=2 if quick else 5)
     if progress:
         progress("official BiFormer vs biformer, SDPA")
-    records += biformer_official(biformer_src, repeats=5 if quick else 15)
+    records += biformer_official(biformer_src, repeats=7 if quick else 21)
     return records
