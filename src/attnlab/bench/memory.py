@@ -2,7 +2,9 @@
 
 Each configuration runs in its own process forked from a measurement server (harness.ForkServer), so its RSS
 high-water mark is its own; the record keeps the peak over the process's starting RSS. The growth exponent is
-the log-log slope of that increment vs N.
+the log-log slope of that increment vs N over all sizes measured; the record also carries the slope without the
+smallest size (``tail_exponent``, at least 3 sizes: in full mode 2k..16k, where fixed costs weigh least) and the
+slope between each pair of consecutive sizes (``local_exponents``), which shows whether growth steepens with N.
 """
 
 from __future__ import annotations
@@ -27,6 +29,16 @@ def measure(mechanism: str, track: str, size: int, causal: bool, dim: int, heads
     if backward:
         y.backward(torch.ones_like(y))
     return {"peak_rss_mib": peak_rss_mib()}
+
+
+def growth_details(pts: list[tuple[int, float]]) -> dict:
+    """``tail_exponent`` (log-log slope without the smallest size, when 3 or more remain) with its ``tail_n_range``,
+    and ``local_exponents``: the slope between each pair of consecutive sizes (None where an increment is 0)."""
+    out: dict = {"local_exponents": [loglog_slope([a[0], b[0]], [a[1], b[1]]) for a, b in zip(pts, pts[1:])]}
+    if len(pts) >= 4:
+        out["tail_exponent"] = loglog_slope([p[0] for p in pts[1:]], [p[1] for p in pts[1:]])
+        out["tail_n_range"] = [pts[1][0], pts[-1][0]]
+    return out
 
 
 def run_memory(specs: list[MechanismSpec], budget: Budget, progress: Callable[[str], None] | None = None,
@@ -58,5 +70,5 @@ def run_memory(specs: list[MechanismSpec], budget: Budget, progress: Callable[[s
             if slope is not None:
                 records.append(make_record("memory", spec.id, {"track": track, "causal": causal,
                                                                "n_range": [pts[0][0], pts[-1][0]]},
-                                           "memory_exponent", slope, ""))
+                                           "memory_exponent", slope, "", **growth_details(pts)))
     return records

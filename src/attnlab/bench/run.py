@@ -53,6 +53,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", type=lambda s: tuple(x for x in s.split(",") if x), default=("fwd", "fwd+bwd"),
                    help="ops suite: fwd and/or fwd+bwd")
     p.add_argument("--causal", choices=("yes", "no", "both"), default="both", help="ops suite: causal modes")
+    p.add_argument("--biformer-src", metavar="DIR",
+                   help="peers suite: root of a checkout of github.com/rayleizhu/BiFormer, whose bi-level routing "
+                        "attention runs beside attnlab's biformer (default: $ATTNLAB_BIFORMER_SRC; skipped if unset)")
     p.add_argument("--repeats", type=int, help="timed repeats after warm-up (median reported)")
     p.add_argument("--out", default="reports/bench", help="directory for JSON results and the HTML report")
 
@@ -100,7 +103,7 @@ def run_bench(args: argparse.Namespace) -> int:
     else:
         suites = ALL_SUITES if args.suite == "all" else (args.suite,)
         for suite in suites:
-            _run_suite(suite, specs, budget, out_dir)
+            _run_suite(suite, specs, budget, out_dir, biformer_src=getattr(args, "biformer_src", None))
     from .report import headline, headline_table_rows, load_results, write_report
 
     report = write_report(out_dir)
@@ -115,7 +118,7 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_suite(suite: str, specs, budget: common.Budget, out_dir: Path) -> None:
+def _run_suite(suite: str, specs, budget: common.Budget, out_dir: Path, biformer_src: str | None = None) -> None:
     from .fidelity import applies, run_fidelity
     from .memory import run_memory
     from .speed import run_speed
@@ -145,8 +148,8 @@ def _run_suite(suite: str, specs, budget: common.Budget, out_dir: Path) -> None:
         elif suite == "peers":
             from .peers import run_peers
 
-            steps = _Steps(progress, "peers", 3)
-            records = run_peers(quick=budget.name != "full", progress=steps)
+            steps = _Steps(progress, "peers", 4)
+            records = run_peers(quick=budget.name != "full", progress=steps, biformer_src=biformer_src)
             for r in records:
                 if r["metric"] == "skipped":
                     console.print(f"peers: {r['note']}")

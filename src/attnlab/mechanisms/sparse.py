@@ -120,15 +120,23 @@ class BiLevelRoutingAttention(SparseMechanism):
         return regions if self.topk == "all" else min(self.topk, regions)
 
     def fast(self, q, k, v, *, causal, key_padding_mask, hw):
-        perm, r, _ = region_order(hw, self.n_win, device=q.device)
-        valid = (perm >= 0)[None, None]
-        qr, kr, vr = (permute(t, perm[None, None]) for t in (q, k, v))  # region-major order, padding slots = 0
+        perm, r, (nh, nw, rh, rw) = region_order(hw, self.n_win, device=q.device)
+        whole = nh * rh == hw[0] and nw * rw == hw[1]
+        if whole:  # the map divides into regions: region-major order is a strided copy, and no slot is padding
+            regions = dict(nh=nh, rh=rh, nw=nw, rw=rw)
+            qr, kr, vr = (rearrange(t, "b h (nh rh nw rw) d -> b h (nh nw rh rw) d", **regions) for t in (q, k, v))
+            valid = None
+        else:
+            valid = (perm >= 0)[None, None]
+            qr, kr, vr = (permute(t, perm[None, None]) for t in (q, k, v))  # region-major order, padding slots = 0
         # Routing on region means of the full (all-head) q and k; detached: no gradient flows through the choice.
         qbar = pool_blocks(qr.detach(), r, valid=valid)  # (B, H, regions, d)
         kbar = pool_blocks(kr.detach(), r, valid=valid)
         affinity = torch.einsum("bhnd,bhmd->bnm", qbar, kbar)  # sum over heads = dot product of full-width vectors
         idx = topk_blocks(affinity, self._k(affinity.shape[-1]))[:, None]  # (B, 1, regions, k), shared by heads
         o = block_sparse_attention(qr, kr, vr, idx, q_block=r, k_block=r, k_valid=valid, scale=self.qk_scale)
+        if whole:
+            return rearrange(o, "b h (nh nw rh rw) d -> b h (nh rh nw rw) d", **regions)
         return unpermute(o, perm[None, None], q.shape[2])
 
     def reference(self, q, k, v, *, causal, key_padding_mask, hw):

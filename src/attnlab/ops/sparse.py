@@ -100,6 +100,8 @@ def pool_blocks(x: Tensor, block: int, *, valid: Tensor | None = None, mode: str
     pools to 0 (callers mask such blocks out of selection with :func:`block_counts`).
     """
     B, H, N, D = x.shape
+    if valid is None and mode == "mean" and N % block == 0:  # whole blocks, all valid: one reduction kernel
+        return x.reshape(B, H, N // block, block, D).mean(-2)
     vm = None if valid is None else _meta(valid, valid, B, H, N, "pool_blocks valid").to(x.dtype)
     xb = rearrange(pad_to(x if vm is None else x * vm[..., None], block, 2), "b h (n s) d -> b h n s d", s=block)
     if vm is None:
@@ -477,9 +479,10 @@ def block_sparse_attention(
         else:
             o = res
         outs.append(o.reshape(B, Hq, n * q_block, Dv))
-    out = torch.cat(outs, dim=2)[:, :, :Nq]
+    # (one slice, the common case: no copy)
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))[:, :, :Nq]
     if return_lse:
-        return out, torch.cat(lses, dim=2)[:, :, :Nq]
+        return out, (lses[0] if len(lses) == 1 else torch.cat(lses, dim=2))[:, :, :Nq]
     return out
 
 
