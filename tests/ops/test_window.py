@@ -364,4 +364,10 @@ def test_tiled_attention_groups_and_reused_buffers_keep_results_apart(monkeypatc
     q, k, v = qkv(Nq=144, Nk=144)
     assert_same(lambda: W.tiled_attention(q, k, v, plan), lambda: reference_attention(q, k, v, attn_mask=mask),
                 (q, k, v))
+    # 1-D halo blocks: queries in order, yet the two groups are not contiguous ranges
+    plan, mask = W.block_plan(24, 4, 0, 1), W.block_mask(24, 4, 0, 1)
+    assert W._in_order(plan) and not isinstance(W._schedule(plan, False)[0][0].tiles, slice)
+    q, k, v = qkv(Nq=24, Nk=24)
+    assert_same(lambda: W.tiled_attention(q, k, v, plan), lambda: reference_attention(q, k, v, attn_mask=mask),
+                (q, k, v))
     W.release_workspace()

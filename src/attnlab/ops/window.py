@@ -6,7 +6,9 @@ How it works. Every local pattern is described per axis by a :class:`TilePlan`: 
 of its queries may see, and a boolean ``keep (T, tq, tk)`` says which of those keys each query actually sees. A 2-D
 pattern is the outer product of two 1-D plans (:func:`combine_plans`). :func:`tiled_attention` then gathers query tiles
 and key regions, folds the tiles into the batch dimension and calls the exact attention op
-(:func:`attnlab.ops.attention`, i.e. torch SDPA) once -- cost ``O(N * tk * d)``, memory ``O(N * tk)``. Window
+(:func:`attnlab.ops.attention`, i.e. torch SDPA) on them -- cost ``O(N * tk * d)``, memory ``O(N * tk)``; tiles are
+processed in bounded groups (fully visible tiles without a mask), gathered into buffers reused between no-grad calls
+(see ``_WORKSPACE``; :func:`release_workspace` frees them). Window
 mechanisms whose key regions are their query tiles can instead gather the *input* once (:func:`gather_rows`), project
 inside the windows and call :func:`tile_attention` directly, then :func:`scatter_rows` -- one copy of the input
 instead of three of q, k, v.
@@ -439,6 +441,7 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
                 if isinstance(tiles, slice) and in_order:
                     qt = _tile_rows(q, T, tq, tiles.start, tiles.stop)
                 else:
+                    qr = _rows(q) if qr is None else qr
                     qt = _gather(qr, g.q_index[c0: c0 + step], s.q_heads, "q" if reuse else None)
                 if plan.k_window is not None:
                     kt, vt = (_window_slice(t, tiles.start, tiles.stop) for t in (kw, vw))
