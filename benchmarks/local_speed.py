@@ -65,7 +65,10 @@ _TILES: dict = {}  # window-ordered q, k, v per (input, plan): prepared once, ou
 
 
 def cores(n1: int, hw: tuple[int, int], heads: int, d: int):
-    """(id, bench kwargs, layout, core function) for every mechanism; cores take projected q, k, v."""
+    """(id, bench kwargs, layout, causal, core function, pieces) for every mechanism; cores take projected q, k, v.
+
+    ``pieces``: the SDPA problems the core runs, as ``(tiles, heads, tq, tk, d_computed)`` -- what
+    :func:`ceiling` times without masks, gathers or scatters."""
     H, Wd = hw
     n2 = H * Wd
     h1 = heads // 2
@@ -83,69 +86,96 @@ def cores(n1: int, hw: tuple[int, int], heads: int, d: int):
     def spec_kw(id):
         return attnlab.get_spec(id).bench_kwargs
 
+    def tiles(plan, h=heads):
+        return [(plan.tiles, h, plan.tq, plan.tk, d)]
+
     out = []
     kw = spec_kw("sliding-window")
     w = kw["window"]
+    bands = W.band_plan(n1, n1, w, w), W.band_plan(n1, n1, w, 0)
     out.append(("sliding-window", kw, (n1, None), False,
-                lambda q, k, v, p=W.band_plan(n1, n1, w, w): W.tiled_attention(q, k, v, p)))
+                lambda q, k, v, p=bands[0]: W.tiled_attention(q, k, v, p), tiles(bands[0])))
     out.append(("sliding-window", kw, (n1, None), True,
-                lambda q, k, v, p=W.band_plan(n1, n1, w, 0): W.tiled_attention(q, k, v, p)))
+                lambda q, k, v, p=bands[1]: W.tiled_attention(q, k, v, p), tiles(bands[1])))
 
     for kernel in (7, 13, 31):
         kwn = dict(kernel_size=kernel)
         tile = (L._na_tile_2d(kernel),) * 2
         plan = L._na_plan(hw, (kernel,) * 2, (1, 1), False, tile)
         out.append(("neighborhood-attention-fast", kwn, (n2, hw), False,
-                    lambda q, k, v, plan=plan: W.tiled_attention(q, k, v, plan)))
+                    lambda q, k, v, plan=plan: W.tiled_attention(q, k, v, plan), tiles(plan)))
 
     kw = spec_kw("swin")
     win = (kw["window_size"],) * 2
     out.append(("swin", kw, (n2, hw), False,
-                lambda q, k, v, win=win: windows(q, k, v, win, L._shifts(hw, win, True))))
+                lambda q, k, v, win=win: windows(q, k, v, win, L._shifts(hw, win, True)),
+                tiles(L._windows_plan(hw, win, L._shifts(hw, win, True)))))
 
     kw = spec_kw("halonet")
     block, halo = (kw["block_size"],) * 2, (kw["halo_size"],) * 2
-    out.append(("halonet", kw, (n2, hw), False, lambda q, k, v: windows(q, k, v, block, halo=halo)))
+    out.append(("halonet", kw, (n2, hw), False, lambda q, k, v: windows(q, k, v, block, halo=halo),
+                tiles(L._windows_plan(hw, block, halo=halo))))
 
     kw = spec_kw("cswin")
     v_win, h_win = L._stripes(hw, kw["split_size"])
     out.append(("cswin", kw, (n2, hw), False, lambda q, k, v: (
-        windows(q[:, :h1], k[:, :h1], v[:, :h1], v_win), windows(q[:, h1:], k[:, h1:], v[:, h1:], h_win))))
+        windows(q[:, :h1], k[:, :h1], v[:, :h1], v_win), windows(q[:, h1:], k[:, h1:], v[:, h1:], h_win)),
+        tiles(L._windows_plan(hw, v_win), h1) + tiles(L._windows_plan(hw, h_win), heads - h1)))
 
     kw = spec_kw("cat-rwin")
     w0, w1 = L._rwin_windows(hw, kw["split_size"])
     out.append(("cat-rwin", kw, (n2, hw), False, lambda q, k, v: (
         windows(q[:, :h1], k[:, :h1], v[:, :h1], w0, L._shifts(hw, w0, True)),
-        windows(q[:, h1:], k[:, h1:], v[:, h1:], w1, L._shifts(hw, w1, True)))))
+        windows(q[:, h1:], k[:, h1:], v[:, h1:], w1, L._shifts(hw, w1, True))),
+        tiles(L._windows_plan(hw, w0, L._shifts(hw, w0, True)), h1)
+        + tiles(L._windows_plan(hw, w1, L._shifts(hw, w1, True)), heads - h1)))
 
     kw = spec_kw("s2aformer")
     r, dqk = kw["sr_ratio"], max(1, round(d * kw["qk_ratio"]))
     nr = -(-H // r) * -(-Wd // r)
     out.append(("s2aformer", kw, (n2, hw), False,
-                lambda q, k, v: L.narrow_qk_attention(q[..., :dqk], k[:, :, :nr, :dqk], v[:, :, :nr])))
+                lambda q, k, v: L.narrow_qk_attention(q[..., :dqk], k[:, :, :nr, :dqk], v[:, :, :nr]),
+                [(1, heads, n2, nr, d)]))  # q and k padded to the value width (one fused kernel)
 
     kw = spec_kw("hilo")
     s = kw["window_size"]
     cells = -(-H // s) * -(-Wd // s)
     hi, lo = L._hilo_split(heads, s, kw["alpha"])
     out.append(("hilo", kw, (n2, hw), False, lambda q, k, v: (
-        windows(q[:, :hi], k[:, :hi], v[:, :hi], (s, s)), attention(q[:, hi:], k[:, hi:, :cells], v[:, hi:, :cells]))))
+        windows(q[:, :hi], k[:, :hi], v[:, :hi], (s, s)), attention(q[:, hi:], k[:, hi:, :cells], v[:, hi:, :cells])),
+        tiles(L._windows_plan(hw, (s, s)), hi) + [(1, lo, n2, cells, d)]))
 
     kw = spec_kw("davit")
     dwin = (kw["window_size"],) * 2
     out.append(("davit", kw, (n2, hw), False,
-                lambda q, k, v: (windows(q, k, v, dwin), L.channel_group_attention(q, k, v))))
+                lambda q, k, v: (windows(q, k, v, dwin), L.channel_group_attention(q, k, v)),
+                tiles(L._windows_plan(hw, dwin))))  # + channel attention (d x d logits per head group): not tiled
 
     kw = spec_kw("l2vit")
     lwin = (kw["window_size"],) * 2
-    out.append(("l2vit", kw, (n2, hw), False, lambda q, k, v: windows(q, k, v, lwin)))
+    out.append(("l2vit", kw, (n2, hw), False, lambda q, k, v: windows(q, k, v, lwin), tiles(L._windows_plan(hw, lwin))))
 
     kw = spec_kw("duoformer")
-    out.append(("duoformer", kw, (n2, hw), False, None))  # core = its module (pyramid + regions); module only
-    out.append(("medusa", spec_kw("medusa"), (n2, hw), False, None))  # convolutional gating, not attention
+    out.append(("duoformer", kw, (n2, hw), False, None, None))  # core = its module (pyramid + regions); module only
+    out.append(("medusa", spec_kw("medusa"), (n2, hw), False, None, None))  # convolutional gating, not attention
     kw = spec_kw("chada-vit")
-    out.append(("chada-vit", kw, (n1, None), False, lambda q, k, v: attention(q, k, v)))
+    out.append(("chada-vit", kw, (n1, None), False, lambda q, k, v: attention(q, k, v), [(1, heads, n1, n1, d)]))
     return out
+
+
+def ceiling(pieces, repeats: int) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and computed FLOPs of unmasked SDPA on random tensors of the core's tile shapes, tiles folded into the
+    batch (token-major, as the core lays them out): the core's time if masks, gathers and scatters were free.
+    Useful FLOPs / this time, as a fraction of dense SDPA's GFLOP/s, is the ceiling of the tiled method."""
+    calls, flops = [], 0.0
+    for T, h, tq, tk, dc in pieces:
+        q = torch.randn(T, tq, h, dc).transpose(1, 2)
+        k = torch.randn(T, tk, h, dc).transpose(1, 2)
+        v = torch.randn(T, tk, h, dc).transpose(1, 2)
+        calls.append(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v))
+        flops += 4.0 * T * h * tq * tk * dc
+    med, _, _ = timed(lambda: [c() for c in calls], repeats)
+    return med, cpu(), flops
 
 
 def main() -> None:
@@ -153,6 +183,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="N = 4096 and 64 x 64 instead of 8192 and 128 x 128")
+    ap.add_argument("--only", nargs="*", default=None, help="mechanism ids to run (default: all)")
+    ap.add_argument("--no-na-side", action="store_true", help="skip the 64 x 64 neighborhood / NATTEN section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     heads, d = 8, 64
@@ -173,10 +205,15 @@ def main() -> None:
 
     print("\nGF/s on the spec's useful FLOPs; 'vs SDPA' = GF/s / dense SDPA's GF/s at the same N (wall clock), "
           "'cpu' = the same ratio in CPU seconds")
+    print("'useful' = useful / computed FLOPs of the tiles; 'tiles' = unmasked SDPA on the same tile shapes (random "
+          "data, no gathers), GF/s on computed FLOPs vs dense, in CPU seconds; 'ceiling' = useful x tiles: the best "
+          "this tiling can reach (compare with 'cpu')")
     print(f"{'mechanism':28s} {'config':36s} {'core ms':>8s} {'GF/s':>5s} {'vs SDPA':>7s} {'cpu':>5s} "
-          f"{'module ms':>9s}")
+          f"{'useful':>6s} {'tiles':>5s} {'ceiling':>7s} {'module ms':>9s}")
     with torch.no_grad():
-        for id, kw, (n, grid), causal, core in cores(n1, hw, heads, d):
+        for id, kw, (n, grid), causal, core, pieces in cores(n1, hw, heads, d):
+            if args.only and id not in args.only:
+                continue
             spec = attnlab.get_spec(id)
             flops = spec.flops(1, n, heads, d, causal, hw=grid, dim=heads * d, **kw)
             cfg = ",".join(f"{a}={b}" for a, b in kw.items()) + (",causal" if causal else "")
@@ -186,6 +223,10 @@ def main() -> None:
                 med, _, _ = timed(lambda: core(q, k, v), args.repeats)
                 core_ms, rate = med * 1e3, flops / med / 1e9
                 ratio, ratio_cpu = rate / dense[n], flops / cpu() / 1e9 / dense_cpu[n]
+            useful = tile_rate = float("nan")
+            if pieces:  # in CPU seconds: under load the wall clock of short calls mostly measures waiting
+                _, c_tiles, computed = ceiling(pieces, args.repeats)
+                useful, tile_rate = flops / computed, computed / c_tiles / 1e9 / dense_cpu[n]
             torch.manual_seed(0)
             m = attnlab.create(id, dim=heads * d, heads=heads, **kw)
             x = torch.randn(1, n, heads * d)
@@ -193,8 +234,11 @@ def main() -> None:
             if core is None:  # report the module: its FLOPs are the spec's, its time includes projections
                 rate, ratio = flops / med_m / 1e9, flops / med_m / 1e9 / dense[n]
                 ratio_cpu = flops / cpu() / 1e9 / dense_cpu[n]
-            print(f"{id:28s} {cfg:36s} {core_ms:8.1f} {rate:5.1f} {ratio:7.0%} {ratio_cpu:5.0%} {med_m * 1e3:9.1f}")
+            print(f"{id:28s} {cfg:36s} {core_ms:8.1f} {rate:5.1f} {ratio:7.0%} {ratio_cpu:5.0%} {useful:6.0%} "
+                  f"{tile_rate:5.0%} {useful * tile_rate:7.0%} {med_m * 1e3:9.1f}")
 
+    if args.no_na_side:
+        return
     # 2-D neighborhood attention, 64 x 64, kernel 7, 4 heads of 32: forward and forward + backward
     print("\nneighborhood attention 2-D 64x64, kernel 7, 4 heads x 32:")
     nh, dh, side = 4, 32, 64

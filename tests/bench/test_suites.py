@@ -38,9 +38,11 @@ def test_speed_covers_every_mechanism_and_track(speed_records):
     assert not errors, errors
     assert _covered(speed_records, "time_s") >= _expected()
     assert _covered(speed_records, "speed_vs_sdpa") >= _expected()
+    assert _covered(speed_records, "gflops_vs_sdpa") >= _expected()
     assert _covered(speed_records, "time_slope") >= _expected()
-    base = [r for r in speed_records if r["mechanism"] == "mha" and r["metric"] == "speed_vs_sdpa"]
-    assert all(r["value"] == pytest.approx(1.0) for r in base)
+    for metric in ("speed_vs_sdpa", "gflops_vs_sdpa"):
+        base = [r for r in speed_records if r["mechanism"] == "mha" and r["metric"] == metric]
+        assert base and all(r["value"] == pytest.approx(1.0) for r in base)
 
 
 def test_memory_covers_every_mechanism_and_track():

@@ -246,9 +246,63 @@ def test_tiled_attention_never_forms_the_full_matrix(monkeypatch):
     W.tiled_attention(q, k, v, W.band_plan(4096, 4096, 16, 16))
     na = W.neighborhood_plan(64, 7, tile=8)
     W.tiled_attention(q, k, v, W.combine_plans([na, na]))
-    assert len(seen) == 2
+    assert len(seen) >= 2
     for rows, cols in seen:  # each tile's key region is a small fraction of the sequence
         assert rows <= 256 and cols <= 512, f"a tile of {rows} x {cols} logits for 4096 tokens"
+
+
+@pytest.mark.parametrize("case", ["band", "band-causal-kpm", "decode", "na-2d-bias-fn", "na-2d-bias-tiles",
+                                  "blocks-bias-5d", "blocks-bias-per-tile"])
+def test_tiled_attention_in_groups_of_tiles_matches_reference(monkeypatch, case):
+    """A byte budget of 1 makes tiled_attention attend one tile per SDPA call: every slicing path (in-order and
+    gathered queries, strided and gathered keys, masks, padding masks, 4-D / 5-D / callable biases, GQA, B > 1)
+    must still give the reference's outputs and gradients."""
+    monkeypatch.setattr(W, "_CHUNK_BYTES", 1)
+    kpm = bias = None
+    if case.startswith("band"):
+        q, k, v = qkv(Nq=28, Nk=28, Hkv=2)
+        causal = case == "band-causal-kpm"
+        plan, mask = W.band_plan(28, 28, 3, 0 if causal else 3, 4), W.band_mask(28, 28, 3, 0 if causal else 3)
+        assert plan.k_window is not None and W._in_order(plan) and plan.tiles > 1  # the view paths
+        if causal:
+            kpm = torch.rand(2, 28, generator=torch.Generator().manual_seed(1)) > 0.3
+    elif case == "decode":
+        q, k, v = qkv(Nq=5, Nk=11)
+        plan, mask = W.band_plan(5, 11, 6, 0, 2), W.band_mask(5, 11, 6, 0)
+    else:
+        H, Wd = 5, 6
+        q, k, v = qkv(Nq=H * Wd, Nk=H * Wd, Hkv=2)
+        if case.startswith("na-2d"):
+            plan = W.combine_plans([W.neighborhood_plan(H, 3, 1, False, 2), W.neighborhood_plan(Wd, 3, 1, False, 2)])
+            mask = W.combine_masks([W.neighborhood_mask(H, 3), W.neighborhood_mask(Wd, 3)])
+        else:
+            plan = W.combine_plans([W.block_plan(H, 2, 1, 1), W.block_plan(Wd, 4, 0, 1)])
+            mask = W.combine_masks([W.block_mask(H, 2, 1, 1), W.block_mask(Wd, 4, 0, 1)])
+        table = torch.randn(2, 4, H * Wd, H * Wd, dtype=torch.float64, requires_grad=True)
+        tiles = table[:, :, plan.q_index[:, :, None], plan.k_index[:, None, :]].transpose(1, 2)  # (B, T, H, tq, tk)
+        if case == "na-2d-bias-fn":
+            # a content bias: a function of the query tiles it is given (any group of them)
+            w = torch.randn(q.shape[-1], plan.tk, dtype=torch.float64, requires_grad=True)
+            bias = lambda qt, tiles: qt @ w  # noqa: E731
+            qr = (q @ w)  # (B, H, N, tk): query i's bias for key slot j of its tile
+            dense = torch.full((2, 4, H * Wd, H * Wd), float("-inf"), dtype=torch.float64)
+            slot = plan.inverse // plan.tq
+            dense = dense.scatter(-1, plan.k_index[slot].expand(2, 4, -1, -1), qr)
+            table = w
+        elif case == "na-2d-bias-tiles":  # a bias that depends on which tiles it is asked for
+            tiles_of = lambda t: table[:, :, plan.q_index[t][:, :, None], plan.k_index[t][:, None, :]]  # noqa: E731
+            bias = lambda qt, t: tiles_of(t).transpose(1, 2).flatten(0, 1)  # noqa: E731
+            dense = table
+        elif case == "blocks-bias-5d":
+            bias = tiles
+            dense = table
+        else:
+            bias = tiles.flatten(0, 1)
+            dense = table
+    ref_mask = mask if bias is None else dense.masked_fill(~mask, float("-inf"))
+    tensors = (q, k, v) if bias is None else (q, k, v, table)
+    assert_same(lambda: W.tiled_attention(q, k, v, plan, key_padding_mask=kpm, bias=bias),
+                lambda: reference_attention(q, k, v, attn_mask=ref_mask, key_padding_mask=kpm), tensors)
 
 
 # ------------------------------------------------------------------------------------- window tools
@@ -292,3 +346,28 @@ def test_pairs_counts_visible_pairs():
     assert W.band_plan(10, 10, 2, 2, 3).pairs() == int(W.band_mask(10, 10, 2, 2).sum())
     p = W.combine_plans([W.neighborhood_plan(9, 3), W.neighborhood_plan(7, 5)])
     assert p.pairs() == 9 * 7 * 3 * 5
+
+
+def test_tiled_attention_groups_and_reused_buffers_keep_results_apart(monkeypatch):
+    """Halo blocks: interior tiles (no mask) and border tiles (masked) are attended as two groups; without autograd
+    the gathers go to per-thread buffers reused by the next call, which must not change earlier results."""
+    monkeypatch.setattr(W, "_CHUNK_BYTES", 3000)  # several chunks per group, all through the same buffers
+    plan = W.combine_plans([W.block_plan(12, 3, 0, 1)] * 2)
+    mask = W.combine_masks([W.block_mask(12, 3, 0, 1)] * 2)
+    groups, _ = W._schedule(plan, False)
+    assert [g.mask for g in groups] == ["none", "own"] and groups[0].size == 4
+    with torch.no_grad():
+        first = [qkv(Nq=144, Nk=144, seed=s) for s in (1, 2)]
+        outs = [W.tiled_attention(q, k, v, plan) for q, k, v in first]
+        for (q, k, v), out in zip(first, outs):
+            torch.testing.assert_close(out, reference_attention(q, k, v, attn_mask=mask), **F64)
+    q, k, v = qkv(Nq=144, Nk=144)
+    assert_same(lambda: W.tiled_attention(q, k, v, plan), lambda: reference_attention(q, k, v, attn_mask=mask),
+                (q, k, v))
+    # 1-D halo blocks: queries in order, yet the two groups are not contiguous ranges
+    plan, mask = W.block_plan(24, 4, 0, 1), W.block_mask(24, 4, 0, 1)
+    assert W._in_order(plan) and not isinstance(W._schedule(plan, False)[0][0].tiles, slice)
+    q, k, v = qkv(Nq=24, Nk=24)
+    assert_same(lambda: W.tiled_attention(q, k, v, plan), lambda: reference_attention(q, k, v, attn_mask=mask),
+                (q, k, v))
+    W.release_workspace()

@@ -505,7 +505,7 @@ class HaloAttention(_WindowMechanism):
             idx_h = (ky[None, :] - qy[:, None] + th - 1).to(x.device)
             idx_w = (kx[None, :] - qx[:, None] + tw - 1).to(x.device)
 
-            def bias(qt: Tensor) -> Tensor:  # qt (B*T, heads, tq, D) -> (B*T, heads, tq, tk)
+            def bias(qt: Tensor, tiles=None) -> Tensor:  # qt (B*T', heads, tq, D) -> (B*T', heads, tq, tk), any tiles
                 lh = (qt @ self.rel_h.transpose(0, 1).to(qt.dtype)) * scale
                 lw = (qt @ self.rel_w.transpose(0, 1).to(qt.dtype)) * scale
                 shape = (*qt.shape[:2], *idx_h.shape)

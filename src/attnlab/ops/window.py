@@ -6,7 +6,9 @@ How it works. Every local pattern is described per axis by a :class:`TilePlan`: 
 of its queries may see, and a boolean ``keep (T, tq, tk)`` says which of those keys each query actually sees. A 2-D
 pattern is the outer product of two 1-D plans (:func:`combine_plans`). :func:`tiled_attention` then gathers query tiles
 and key regions, folds the tiles into the batch dimension and calls the exact attention op
-(:func:`attnlab.ops.attention`, i.e. torch SDPA) once -- cost ``O(N * tk * d)``, memory ``O(N * tk)``. Window
+(:func:`attnlab.ops.attention`, i.e. torch SDPA) on them -- cost ``O(N * tk * d)``, memory ``O(N * tk)``; tiles are
+processed in bounded groups (fully visible tiles without a mask), gathered into buffers reused between no-grad calls
+(see ``_WORKSPACE``; :func:`release_workspace` frees them). Window
 mechanisms whose key regions are their query tiles can instead gather the *input* once (:func:`gather_rows`), project
 inside the windows and call :func:`tile_attention` directly, then :func:`scatter_rows` -- one copy of the input
 instead of three of q, k, v.
@@ -32,7 +34,9 @@ and a per-window map function (:func:`windowed`) for window-local convolutions.
 
 from __future__ import annotations
 
+import inspect
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -48,7 +52,7 @@ from .softmax import attention, check_inputs
 __all__ = [
     "TilePlan", "band_plan", "neighborhood_plan", "block_plan", "combine_plans", "raster_causal",
     "band_mask", "neighborhood_mask", "block_mask", "combine_masks",
-    "tiled_attention", "tile_attention", "gather_tiles", "scatter_tiles", "gather_rows", "scatter_rows",
+    "tiled_attention", "tile_attention", "release_workspace", "gather_tiles", "scatter_tiles", "gather_rows", "scatter_rows",
     "window_partition", "window_reverse", "window_valid", "window_mean", "window_expand", "windowed",
 ]
 
@@ -374,12 +378,6 @@ def gather_tiles(x: Tensor, index: Tensor) -> Tensor:
 _SMALL = 1 << 21  # elements (8 MB of fp32)
 
 
-def _in_order_tiles(x: Tensor, T: int, t: int) -> Tensor:
-    """Queries already in tile order (``q_index = arange``, ``N = T * t``): the tiles are a view."""
-    B, H, _, D = x.shape
-    return x.transpose(1, 2).reshape(B * T, t, H, D).transpose(1, 2)
-
-
 def scatter_tiles(o: Tensor, plan: TilePlan, batch: int) -> Tensor:
     """Tile outputs ``(B*T, H, tq, Dv)`` -> ``(B, H, q_len, Dv)`` in position order (padding slots dropped).
 
@@ -394,7 +392,7 @@ def scatter_tiles(o: Tensor, plan: TilePlan, batch: int) -> Tensor:
     return o5[:, plan.inverse // tq, :, plan.inverse % tq].permute(1, 2, 0, 3)
 
 
-BiasFn = Callable[[Tensor], Tensor]
+BiasFn = Callable[..., Tensor]  # bias(qt) or bias(qt, tiles), see tiled_attention
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: float | None = None,
@@ -405,11 +403,18 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
     ``q (B, Hq, q_len, D)``, ``k, v (B, Hkv, k_len, D[v])`` in flat (raster) order; GQA by broadcasting.
     ``key_padding_mask (B, k_len)`` bool, True = keep. ``bias``: additive logits (already scaled): a 4-D tensor
     broadcastable to ``(B*T, Hq, tq, tk)`` (e.g. ``(1, Hq, tq, tk)``, the same for every tile), a 5-D tensor
-    broadcastable to ``(B, T, Hq, tq, tk)``, or a function of the query tiles ``(B*T, Hq, tq, D)`` returning a 4-D
-    tensor (content-dependent relative positions). A query that sees no key returns 0.
-    Returns ``(B, Hq, q_len, Dv)``; with ``return_lse`` also the log-sum-exp ``(B, Hq, q_len)`` over each query's
-    visible keys (float32/64, ``-inf`` where none), to merge with attention over other key sets.
-    Gathers the tiles, calls :func:`tile_attention`, scatters the result.
+    broadcastable to ``(B, T, Hq, tq, tk)``, or a function returning a 4-D tensor for given query tiles (content-dependent
+    relative positions): ``bias(qt)`` is called once with every tile ``(B*T, Hq, tq, D)``, ``bias(qt, tiles)`` per
+    group of tiles, ``tiles`` (a slice or an index tensor into the plan's tiles) saying which (preferred: groups
+    keep temporaries small). A query that sees no key returns 0.
+    Returns ``(B, Hq, q_len, Dv)``, a transposed view of a token-major ``(B, q_len, Hq, Dv)`` tensor; with
+    ``return_lse`` also the log-sum-exp ``(B, Hq, q_len)`` over each query's visible keys (float32/64, ``-inf``
+    where none), to merge with attention over other key sets (computed by the chunked exact op: SDPA returns none).
+
+    Tiles are processed in groups whose gathered q / k / v tiles stay under ``_CHUNK_BYTES``: large temporaries
+    are fresh ``mmap`` pages the kernel must fault in and zero on every call (measured: gathering 100 MB of key
+    tiles took 150 ms fresh, 25 ms into warm memory); small ones are recycled by the allocator and stay in cache.
+    Each group is gathered, attended (one SDPA call, :func:`tile_attention`) and written to the output.
     """
     s = check_inputs(q, k, v, key_padding_mask, None, scale)
     if s.q_len != plan.q_len or s.kv_len != plan.k_len:
@@ -417,17 +422,195 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
                           f"q_len = {s.q_len}, k_len = {s.kv_len}")
     plan = plan.to(q.device)
     B, T, tq, tk = s.batch, plan.tiles, plan.tq, plan.tk
-    qt = _in_order_tiles(q, T, tq) if _in_order(plan) else gather_tiles(q, plan.q_index)
-    if plan.k_window is not None:
-        kt, vt = (_window_tiles(t, *plan.k_window, T, tk) for t in (k, v))
-    else:
-        kt, vt = gather_tiles(k, plan.k_index), gather_tiles(v, plan.k_index)
-    o = tile_attention(qt, kt, vt, plan, B, scale=scale, key_padding_mask=key_padding_mask, bias=bias,
-                       return_lse=return_lse)
+    in_order = _in_order(plan)
+    if plan.k_window is not None:  # strided views of the zero-padded keys: nothing is gathered
+        kw, vw = (_window_view(t, *plan.k_window, T, tk) for t in (k, v))
+    else:  # gathers read token rows: one contiguous (B, N, H*D) copy makes each group's index_select a memcpy
+        kw, vw = _rows(k), _rows(v)
+    qr = None if in_order else _rows(q)
+    whole = callable(bias) and not _takes_tiles(bias)  # bias(qt) expects every tile at once, in plan order
+    groups, slots = _schedule(plan, whole or plan.k_window is not None)
+    # bytes a tile gathers: its queries (unless in order), its keys and values (unless strided views)
+    row_bytes = q.element_size() * B * ((0 if in_order else tq * s.q_heads * s.head_dim)
+                                        + (0 if plan.k_window is not None else tk * s.kv_heads * (s.head_dim + s.v_dim)))
+    step = T if whole or row_bytes == 0 else max(1, _CHUNK_BYTES // row_bytes)
+    reuse = not torch.is_grad_enabled() and not getattr(_WORKSPACE, "busy", False)
+    outs, lses = [], []
+    try:
+        _WORKSPACE.busy = reuse or getattr(_WORKSPACE, "busy", False)
+        for g in groups:
+            for c0 in range(0, g.size, step):
+                tiles = g.part(c0, c0 + step)
+                if isinstance(tiles, slice) and in_order:
+                    qt = _tile_rows(q, T, tq, tiles.start, tiles.stop)
+                else:
+                    qr = _rows(q) if qr is None else qr
+                    qt = _gather(qr, g.q_index[c0: c0 + step], s.q_heads, "q" if reuse else None)
+                if plan.k_window is not None:
+                    kt, vt = (_window_slice(t, tiles.start, tiles.stop) for t in (kw, vw))
+                else:
+                    kt, vt = (_gather(t, g.k_index[c0: c0 + step], s.kv_heads, r if reuse else None)
+                              for t, r in ((kw, "k"), (vw, "v")))
+                o = _attend(qt, kt, vt, plan, B, tiles, g, scale, key_padding_mask, bias, return_lse)
+                if return_lse:
+                    o, lse = o
+                    lses.append(lse.transpose(1, 2).unflatten(0, (B, -1)))  # (B, Tc, tq, Hq)
+                outs.append(o.transpose(1, 2).unflatten(0, (B, -1)))  # (B, Tc, tq, Hq, Dv), token-major from SDPA
+    finally:
+        if reuse:
+            _WORKSPACE.busy = False
+    o = _untile(outs, B, T * tq, plan.q_len, slots).transpose(1, 2)
     if not return_lse:
-        return scatter_tiles(o, plan, B)
-    o, lse = o
-    return scatter_tiles(o, plan, B), scatter_tiles(lse.unsqueeze(-1), plan, B).squeeze(-1)
+        return o
+    return o, _untile(lses, B, T * tq, plan.q_len, slots).transpose(1, 2)
+
+
+def _untile(parts: list[Tensor], B: int, rows: int, q_len: int, slots: Tensor | None) -> Tensor:
+    """Per-group results ``(B, Tc, tq, ...)`` -> ``(B, q_len, ...)`` in token order."""
+    o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    o = o.reshape(B, rows, *o.shape[3:])
+    return o[:, :q_len] if slots is None else o.index_select(1, slots)
+
+
+# Gathered tiles are temporaries of up to T * tk * H * D elements (100 MB per tensor for 7 x 7 neighborhoods on a
+# 128 x 128 map): fresh allocations that large are new mmap pages the kernel must fault in and zero on every call
+# (measured: gathering 100 MB of key tiles took 150 ms into fresh memory, 25 ms into warm memory). Without autograd
+# (nothing saves the tiles for backward) they are gathered into per-thread buffers that live on between calls, at
+# most _WORKSPACE_BYTES each (q, k, v); tiles are processed in groups of at most _CHUNK_BYTES so that peak memory
+# stays bounded for any map size. Each group is a few large operations (index_select, one SDPA call).
+_CHUNK_BYTES = 96 << 20
+_WORKSPACE_BYTES = 256 << 20
+_WORKSPACE = threading.local()
+
+
+def release_workspace() -> None:
+    """Free this thread's gather buffers (kept between no-grad calls of :func:`tiled_attention`)."""
+    _WORKSPACE.__dict__.pop("buffers", None)
+
+
+def _buffer(role: str, numel: int, like: Tensor) -> Tensor | None:
+    if numel * like.element_size() > _WORKSPACE_BYTES:
+        return None
+    bufs = _WORKSPACE.__dict__.setdefault("buffers", {})
+    b = bufs.get(role)
+    if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+        b = bufs[role] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return b[:numel]
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x (B, H, N, D)`` -> its token rows ``(B, N, H*D)``, contiguous (a view when ``x`` is token-major)."""
+    return x.transpose(1, 2).flatten(2).contiguous()
+
+
+def _gather(rows: Tensor, index: Tensor, heads: int, buffer: str | None = None) -> Tensor:
+    """Rows ``(B, N, H*D)`` at ``index (Tc, t)`` -> tiles ``(B*Tc, H, t, D)`` (a transposed token-major view);
+    into this thread's ``buffer`` role (see ``_WORKSPACE``) when given."""
+    B, _, C = rows.shape
+    Tc, t = index.shape
+    flat = index.reshape(-1)
+    out = None if buffer is None else _buffer(buffer, B * flat.numel() * C, rows)
+    if out is None:
+        g = rows.index_select(1, flat)
+    else:
+        g = torch.index_select(rows, 1, flat, out=out.view(B, flat.numel(), C))
+    return g.view(B * Tc, t, heads, C // heads).transpose(1, 2)
+
+
+def _tile_rows(x: Tensor, T: int, t: int, t0: int, t1: int) -> Tensor:
+    """Tiles ``t0 .. t1`` of in-order queries ``x (B, H, T*t, D)`` as ``(B*Tc, H, t, D)``."""
+    B, H, _, D = x.shape
+    return x[:, :, t0 * t: t1 * t].transpose(1, 2).reshape(B * (t1 - t0), t, H, D).transpose(1, 2)
+
+
+@dataclass(frozen=True, eq=False)
+class _Group:
+    """Tiles attended together: a contiguous range (``tiles`` a slice) or any set (an index tensor), with their query
+    and key indices. ``mask``: "none" (every query sees every key of its region: SDPA's unmasked kernel) or "own"
+    (the plan's per-tile mask)."""
+
+    tiles: slice | Tensor
+    mask: str
+    q_index: Tensor
+    k_index: Tensor
+
+    @property
+    def size(self) -> int:
+        return self.q_index.shape[0]
+
+    def part(self, a: int, b: int) -> slice | Tensor:
+        if isinstance(self.tiles, slice):
+            return slice(self.tiles.start + a, min(self.tiles.start + b, self.tiles.stop))
+        return self.tiles[a:b]
+
+
+@lru_cache(maxsize=_CACHE)
+def _schedule(plan: TilePlan, contiguous: bool) -> tuple[tuple[_Group, ...], Tensor | None]:
+    """The groups of tiles to attend, and the output slot of every query in the order they are processed (None when
+    that is position order: the output is then a view).
+
+    Tiles whose queries see their whole region (blocks and halos away from the border, Swin windows away from the
+    shifted edges) form one group without a mask when they are at least a quarter of the tiles: SDPA then runs its
+    unmasked kernel on them. ``contiguous``: keep the plan's order (strided key views, or a bias over all tiles).
+    """
+    T = plan.tiles
+    whole = (_Group(slice(0, T), "none" if plan.keep is None else "own", plan.q_index, plan.k_index),)
+    slots = None if _in_order(plan) else plan.inverse
+    if plan.keep is None or contiguous:
+        return whole, slots
+    full = plan.keep.reshape(T, -1).all(1)
+    n = int(full.sum())
+    if n < T / 4 or n == T:
+        return whole, slots
+    order = torch.cat([full.nonzero().flatten(), (~full).nonzero().flatten()])
+    groups = tuple(_Group(tiles, mask, plan.q_index[tiles], plan.k_index[tiles])
+                   for tiles, mask in ((order[:n], "none"), (order[n:], "own")))
+    rank = torch.empty(T, dtype=torch.long)
+    rank[order] = torch.arange(T)
+    tq = plan.tq
+    return groups, rank[plan.inverse // tq] * tq + plan.inverse % tq
+
+
+def _takes_tiles(fn: BiasFn) -> bool:
+    """Whether a bias function takes ``(qt, tiles)`` (it can then be called on any group of tiles) or ``(qt)``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 2
+
+
+def _attend(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int, tiles: slice | Tensor,
+            group: _Group | None, scale, key_padding_mask, bias, return_lse: bool = False):
+    """Attention of the tiles ``tiles`` of ``plan`` (their q, k, v tiles given): one SDPA call. ``group``: their
+    :class:`_Group` (None: the plan's per-tile mask)."""
+    T, tq, tk = plan.tiles, plan.tq, plan.tk
+    Tc = qt.shape[0] // B
+    keep = None if plan.keep is None or (group is not None and group.mask == "none") else plan.keep[tiles]
+    if key_padding_mask is None and bias is None:
+        if keep is None or (group is not None and group.mask == "none"):
+            mask = None
+        else:
+            mask = _additive_keep(plan, qt.dtype, str(qt.device))[tiles]
+            if B > 1:
+                mask = mask[None].expand(B, *mask.shape).reshape(B * Tc, 1, tq, tk)
+        return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.index_select(1, plan.k_index[tiles].reshape(-1)).view(B, Tc, 1, tk)
+        keep = kpm if keep is None else keep[None] & kpm  # (B, Tc, tq | 1, tk)
+    if keep is not None:
+        keep = keep[None] if keep.dim() == 3 else keep
+        rows = keep.shape[2]
+        keep = keep.expand(B, Tc, rows, tk).reshape(B * Tc, 1, rows, tk)
+    mask = keep
+    if bias is not None:
+        if callable(bias):
+            b = bias(qt, tiles) if _takes_tiles(bias) else bias(qt)
+        else:
+            b = _fold_bias(bias, B, T, tiles)
+        b = b.to(qt.dtype)
+        mask = b if keep is None else b.masked_fill(~keep, float("-inf"))
+    return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
 
 
 def tile_attention(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, batch: int, *, scale: float | None = None,
@@ -446,25 +629,7 @@ def tile_attention(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, batch: in
     if qt.shape[0] != B * T or qt.shape[-2] != tq or kt.shape[0] != B * T or kt.shape[-2] != tk:
         raise shape_error("tile_attention", f"q tiles (B*T, Hq, {tq}, D), k/v tiles (B*T, Hkv, {tk}, D) with "
                           f"B*T = {B * T}", f"q {tuple(qt.shape)}, k {tuple(kt.shape)}")
-    keep = plan.keep  # (T, tq, tk) | None
-    if key_padding_mask is None and bias is None:
-        mask = None if keep is None else _additive_keep(plan, qt.dtype, str(qt.device))
-        if mask is not None and B > 1:
-            mask = mask[None].expand(B, *mask.shape).reshape(B * T, 1, tq, tk)
-        return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.index_select(1, plan.k_index.reshape(-1)).view(B, T, 1, tk)
-        keep = kpm if keep is None else keep[None] & kpm  # (B, T, tq | 1, tk)
-    if keep is not None:
-        keep = keep[None] if keep.dim() == 3 else keep
-        rows = keep.shape[2]
-        keep = keep.expand(B, T, rows, tk).reshape(B * T, 1, rows, tk)
-    mask = keep
-    if bias is not None:
-        b = bias(qt) if callable(bias) else _fold_bias(bias, B, T)
-        b = b.to(qt.dtype)
-        mask = b if keep is None else b.masked_fill(~keep, float("-inf"))
-    return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
+    return _attend(qt, kt, vt, plan, B, slice(0, T), None, scale, key_padding_mask, bias, return_lse)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -488,26 +653,36 @@ def _in_order(plan: TilePlan) -> bool:
         torch.equal(plan.q_index.reshape(-1), torch.arange(plan.q_len, device=plan.q_index.device)))
 
 
-def _window_tiles(x: Tensor, pad_left: int, stride: int, T: int, tk: int) -> Tensor:
-    """Key regions ``t * stride - pad_left + [0, tk)`` of ``x (B, H, N, D)`` as ``(B*T, H, tk, D)``: a strided view
-    of the zero-padded keys (a view when ``B == 1``; padding positions are masked by the plan)."""
+def _window_view(x: Tensor, pad_left: int, stride: int, T: int, tk: int) -> Tensor:
+    """Key regions ``t * stride - pad_left + [0, tk)`` of ``x (B, H, N, D)`` as ``(B, T, H, tk, D)``: a strided view
+    of the zero-padded keys (padding positions are masked by the plan)."""
     B, H, N, D = x.shape
     pad_right = max(0, (T - 1) * stride + tk - N - pad_left)
     xp = F.pad(x.transpose(1, 2), (0, 0, 0, 0, max(pad_left, 0), pad_right))
     if pad_left < 0:
         xp = xp[:, -pad_left:]
-    u = xp.unfold(1, tk, stride)[:, :T]  # (B, T, H, D, tk)
-    return u.permute(0, 1, 2, 4, 3).reshape(B * T, H, tk, D)
+    return xp.unfold(1, tk, stride)[:, :T].permute(0, 1, 2, 4, 3)  # (B, T, H, tk, D)
 
 
-def _fold_bias(bias: Tensor, B: int, T: int) -> Tensor:
+def _window_slice(view: Tensor, t0: int, t1: int) -> Tensor:
+    """Tiles ``t0 .. t1`` of a :func:`_window_view` as ``(B*Tc, H, tk, D)`` (a view when ``B == 1``)."""
+    return view[:, t0:t1].flatten(0, 1)
+
+
+def _fold_bias(bias: Tensor, B: int, T: int, tiles: slice | Tensor = slice(None)) -> Tensor:
+    """A tensor bias for the tiles ``tiles``, as ``(B*Tc | 1, Hq, tq, tk)``."""
+    whole = isinstance(tiles, slice) and tiles.indices(T) == (0, T, 1)
     if bias.dim() == 4:
-        return bias
+        if bias.shape[0] == 1 or whole:
+            return bias
+        if bias.shape[0] != B * T:
+            raise shape_error("tiled_attention bias", f"a 4-D bias with 1 or B*T = {B * T} rows", tuple(bias.shape))
+        return bias.unflatten(0, (B, T))[:, tiles].flatten(0, 1)
     if bias.dim() != 5:
         raise shape_error("tiled_attention bias", "a 4-D (B*T, Hq, tq, tk) or 5-D (B, T, Hq, tq, tk) tensor",
                           tuple(bias.shape))
-    b = bias.expand(B, T, *bias.shape[2:])
-    return b.reshape(B * T, *bias.shape[2:])
+    b = bias.expand(B, T, *bias.shape[2:])[:, tiles]
+    return b.reshape(-1, *bias.shape[2:])
 
 
 # -------------------------------------------------------------------------------- window partition tools
