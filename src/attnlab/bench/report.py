@@ -51,6 +51,10 @@ def headline(results: dict[str, dict]) -> list[dict]:
             if c["n"] >= best_n.get(key, 0):
                 best_n[key] = c["n"]
                 rows[r["mechanism"]][f"speed_{c['track']}"] = (r["value"], c["n"])
+    for r in speed:  # GFLOP/s on useful FLOPs vs the dense layer's, at the same (largest) N as the speed column
+        c = r["config"]
+        if r["metric"] == "gflops_vs_sdpa" and c["pass"] == "fwd" and c["n"] == best_n.get((r["mechanism"], c["track"])):
+            rows[r["mechanism"]][f"gflops_{c['track']}"] = r["value"]
         if r["metric"] == "time_slope":
             rows[r["mechanism"]][f"slope_{c['track']}"] = r["value"]
     for r in results.get("memory", {}).get("records", []):
@@ -74,7 +78,8 @@ def headline_table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     def fmt(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
-    header = ["mechanism", "family", "speed vs SDPA (fwd, largest N)", "time slope", "memory exp.",
+    header = ["mechanism", "family", "speed vs SDPA (fwd, largest N)", "GFLOP/s vs SDPA (useful FLOPs)",
+              "time slope", "memory exp.",
               "fidelity err (gauss / ar1 / real q,k,v)", "recall acc (mqar / sel. copy)"]
     body = []
     for r in rows:
@@ -85,6 +90,7 @@ def headline_table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         body.append([
             r["mechanism"], r["family"],
             f"{sp[0]:.2f}x @ N={sp[1]}" if sp else "-",
+            fmt(r.get(f"gflops_{track}")),
             fmt(r.get(f"slope_{track}")), fmt(r.get(f"mem_exp_{track}")),
             f"{fmt(fid.get('gaussian'), '.3f')} / {fmt(fid.get('ar1'), '.3f')} / "
             f"{fmt(fid.get('smollm2', fid.get('minilm')), '.3f')}" if fid else "-",
@@ -253,8 +259,10 @@ def render_html(results: dict[str, dict]) -> str:
             for s, d in results.items())) + "</p>",
         "<h2>Headline</h2>", _table(header, body, "headline"),
         "<p class=note>Speed: time of the dense <code>mha</code> layer (torch SDPA core, same width, heads and "
-        "projections, same causal flag, same run) divided by the mechanism's time. Slopes: log-log fits of time "
-        "and peak memory vs N. Fidelity: relative Frobenius error against exact softmax attention on the same "
+        "projections, same causal flag, same run) divided by the mechanism's time. GFLOP/s vs SDPA: the "
+        "mechanism's GFLOP/s on its useful FLOPs (its registry formula plus projections) divided by the dense "
+        "layer's, same N and run: how well it uses the machine for the work it must do. Slopes: log-log fits of "
+        "time and peak memory vs N. Fidelity: relative Frobenius error against exact softmax attention on the same "
         "module's q/k/v (real q,k,v: a SmolLM2 layer for causal mechanisms, a MiniLM layer otherwise). "
         "Recall: held-out accuracy of a 2-layer model trained with the mechanism as the mixer.</p>",
     ]
