@@ -14,9 +14,10 @@ import torch
 from attnlab.analysis import ANALYSES
 from attnlab.analysis.attribution import (
     _forward_backward, _target, aopc, attention_flow, relevance_propagation, rollout, run_flow, run_relevance,
-    run_rollout, run_saliency_share, saliency_share, spearman,
+    run_rollout, run_saliency_share, saliency_share,
 )
 from attnlab.analysis.capture import Capture
+from attnlab.analysis.metrics import spearman
 
 from .conftest import inputs_for
 

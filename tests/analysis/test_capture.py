@@ -137,3 +137,11 @@ def test_shared_scores(smollm2, minilm, short_text):
         e = sentence_embedding(minilm, enc["input_ids"], enc["attention_mask"])
     sims = e @ e.T
     assert torch.allclose(e.norm(dim=-1), torch.ones(3)) and sims[0, 1] > sims[0, 2] + 0.2
+
+
+def test_head_gates_off():
+    g = head_gates(3, 4, off=[(0, 1), (2, 3)])
+    assert g.sum() == 10 and g[0, 1] == 0 and g[2, 3] == 0 and not g.requires_grad
+    assert head_gates(2, 2, requires_grad=True).requires_grad
+    with pytest.raises(ValueError, match=r"off: expected \(layer, head\) within \(3, 4\)"):
+        head_gates(3, 4, off=[(3, 0)])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from attnlab.analysis import heads as Hd
+from attnlab.analysis.metrics import spearman
 from attnlab.analysis.base import next_token_loss
 from attnlab.analysis.capture import head_gates
 
@@ -14,14 +15,14 @@ from .conftest import inputs_for
 
 def test_spearman_and_normalisation():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")])
-    assert Hd.spearman(a, a * 10) == pytest.approx(1.0)
-    assert Hd.spearman(a, -a) == pytest.approx(-1.0)
-    assert Hd.spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 3, 2, 4])) == pytest.approx(0.8)
-    assert Hd.spearman(torch.tensor([1.0, 1, 2, 3]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(0.9486833, abs=1e-6)
+    assert spearman(a, a * 10) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 2, 3, 4]), torch.tensor([1.0, 3, 2, 4])) == pytest.approx(0.8)
+    assert spearman(torch.tensor([1.0, 1, 2, 3]), torch.tensor([1.0, 2, 3, 4])) == pytest.approx(0.9486833, abs=1e-6)
     n = Hd.normalize_per_layer(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
     torch.testing.assert_close(n, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="equal shapes"):
-        Hd.spearman(torch.ones(2), torch.ones(3))
+        spearman(torch.ones(2), torch.ones(3))
 
 
 def test_ablation_order_and_curve_recover_a_planted_importance():

@@ -11,8 +11,8 @@ import torch
 
 from attnlab.analysis.base import ANALYSES
 from attnlab.analysis.retrieval import (build_haystack, influence_corpus, relative_influence, retrieval_score,
-                                        run_attention_influence, run_retrieval_heads, score_haystack, spearman,
-                                        top_heads)
+                                        run_attention_influence, run_retrieval_heads, score_haystack)
+from attnlab.analysis.metrics import spearman, top_heads
 
 
 def _one_hot_rows(L, H, T, Nk, argmax):

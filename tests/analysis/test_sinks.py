@@ -12,13 +12,19 @@ import torch
 from attnlab.analysis.base import ANALYSES, next_token_loss
 from attnlab.analysis.capture import Capture
 from attnlab.analysis.sinks import (act_edit, cloze_accuracy, longest_run, massive_activations, mlp_modules,
-                                    received_mass, run_act_calibration, run_sinks, sink_ratio, spearman,
-                                    uniform_mass, visibility)
+                                    received_mass, run_act_calibration, run_sinks, sink_ratio,
+                                    uniform_mass)
+from attnlab.analysis.metrics import spearman, visible_keys
 
 from .conftest import inputs_for
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
+def visibility(n: int, causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, N)`` visibility of one sequence (the shared ``metrics.visible_keys``)."""
+    return visible_keys(None if mask is None else mask[None], 1, n, causal=causal)[0, 0]
+
+
 def _uniform_causal(n: int) -> torch.Tensor:
     vis = visibility(n, True).float()
     return vis / vis.sum(1, keepdim=True)

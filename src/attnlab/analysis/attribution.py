@@ -21,7 +21,7 @@ Every analysis scores one *target* on the model:
   its maximum). The attention "row" of a mean-pooled target is the mean over all rows.
 
 The pure functions (:func:`rollout`, :func:`attention_flow`, :func:`relevance_propagation`,
-:func:`saliency_share`, :func:`aopc`, :func:`spearman`) take plain tensors and can be used on their own.
+:func:`saliency_share`, :func:`aopc`) take plain tensors and can be used on their own.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = [
     "AttributionResult", "RelevanceResult", "SaliencyShareResult", "aopc", "attention_flow", "leave_one_out",
     "perturbation_curves",
     "relevance_propagation", "rollout", "run_flow", "run_relevance", "run_rollout", "run_saliency_share",
-    "saliency_share", "spearman",
+    "saliency_share",
 ]
 
 FLOW_LIMIT = 32  # default maximum number of tokens for attention flow (one max-flow per input token)

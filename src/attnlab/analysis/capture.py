@@ -76,10 +76,17 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
-def head_gates(num_layers: int, num_heads: int, *, requires_grad: bool = False, dtype=torch.float32) -> Tensor:
-    """A ``(layers, heads)`` tensor of ones: pass it as ``Capture(gates=...)``; set entries to 0 to ablate heads,
-    or take ``d loss / d gates`` for gate-gradient head importance (Michel et al., 2019)."""
-    return torch.ones(num_layers, num_heads, dtype=dtype, requires_grad=requires_grad)
+def head_gates(num_layers: int, num_heads: int, *, off: Iterable[tuple[int, int]] = (), requires_grad: bool = False,
+               dtype=torch.float32) -> Tensor:
+    """A ``(layers, heads)`` tensor of ones, with the ``(layer, head)`` pairs in ``off`` set to 0 (ablated): pass it
+    as ``Capture(gates=...)``, or take ``d loss / d gates`` for gate-gradient head importance (Michel et al., 2019)."""
+    g = torch.ones(num_layers, num_heads, dtype=dtype)
+    for layer, head in off:
+        if not (0 <= layer < num_layers and 0 <= head < num_heads):
+            raise ValueError(f"off: expected (layer, head) within ({num_layers}, {num_heads}), received "
+                             f"{(layer, head)}")
+        g[layer, head] = 0
+    return g.requires_grad_(requires_grad)
 
 
 def _to_index(sel, n: int, what: str) -> list[int] | None:

@@ -28,12 +28,12 @@ from ..models.loaders import LoadedModel
 from . import figures
 from .base import Inputs, Result, analysis, next_token_loss, sentence_embedding
 from .capture import Capture, LayerRecord, head_gates
-from .metrics import spearman
+from .metrics import spearman, top_heads
 
 __all__ = [
     "HeadImportanceResult", "PatternHeadsResult", "ablation_importance", "induction_scores", "normalize_per_layer",
     "offset_scores", "pruning_curve", "pruning_order", "random_repeat_ids", "run_head_importance",
-    "run_pattern_heads", "spearman",
+    "run_pattern_heads",
 ]
 
 Head = tuple[int, int]
@@ -57,9 +57,7 @@ def ablation_importance(damage: Callable[[Tensor], float], layers: int, heads: i
     base = float(damage(head_gates(layers, heads)))
     out = torch.full((layers, heads), float("nan"))
     for l, h in (which if which is not None else [(l, h) for l in range(layers) for h in range(heads)]):
-        g = head_gates(layers, heads)
-        g[l, h] = 0
-        out[l, h] = float(damage(g)) - base
+        out[l, h] = float(damage(head_gates(layers, heads, off=[(l, h)]))) - base
     return out
 
 
@@ -77,10 +75,7 @@ def pruning_curve(metric: Callable[[Tensor], float], order: Sequence[Head], laye
     for f in fractions:
         if not 0 <= f <= 1:
             raise ValueError(f"fractions: expected values in [0, 1], received {f}")
-        g = head_gates(layers, heads)
-        for l, h in order[: int(round(f * layers * heads))]:
-            g[l, h] = 0
-        out.append(float(metric(g)))
+        out.append(float(metric(head_gates(layers, heads, off=order[: int(round(f * layers * heads))]))))
     return out
 
 
@@ -380,17 +375,13 @@ def run_pattern_heads(lm: LoadedModel, inp: Inputs, *, length: int = 24, seed: i
     rep = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     ind = _capture_scores(lm, rep, lambda p: induction_scores(p, start, length))
     off = _capture_scores(lm, inp.model_kwargs(), lambda p: offset_scores(p, offsets, inp.attention_mask))
-    flat = ind.flatten().argsort(descending=True)[:k].tolist()
-    top = [(i // H, i % H) for i in flat]
+    top = top_heads(ind, k)
     res = PatternHeadsResult(model=lm.info.name, length=length, induction=ind, offsets=list(offsets), offset=off,
                              threshold=threshold, k=k, top_induction=top)
     if lm.info.causal:
         def repeat_loss(heads: Sequence[Head]) -> Tensor:
-            g = head_gates(L, H)
-            for l, h in heads:
-                g[l, h] = 0
             with torch.no_grad():
-                return next_token_loss(lm, ids, gates=g, reduction="none")[0]  # index t predicts token t + 1
+                return next_token_loss(lm, ids, gates=head_gates(L, H, off=heads), reduction="none")[0]  # index t predicts token t + 1
 
         second = slice(start + length, start + 2 * length - 1)  # predicts tokens start+length+1 ..
         first = slice(start, start + length - 1)

@@ -32,8 +32,8 @@ from .capture import Capture, LayerRecord
 
 __all__ = [
     "HeadStatsResult", "attention_distance", "attention_effective_rank", "distance_profile", "effective_rank",
-    "entropy", "fai", "head_groups", "normalized_entropy", "row_mean", "run_head_stats", "top_k_mass",
-    "visible_keys", "waad",
+    "entropy", "fai", "head_groups", "normalized_entropy", "row_mean", "run_head_stats", "spearman", "top_heads",
+    "top_k_mass", "visible_keys", "waad",
 ]
 
 
@@ -63,6 +63,16 @@ def spearman(a: Tensor | Sequence[float], b: Tensor | Sequence[float]) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = (ra.norm() * rb.norm()).item()
     return float((ra @ rb).item() / den) if den > 0 else float("nan")
+
+
+def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
+    """The ``k`` highest-scoring ``(layer, head)`` pairs of a ``(L, H)`` score tensor (ties: lower index first)."""
+    L, H = scores.shape
+    if not 0 <= k <= L * H:
+        raise ValueError(f"k: expected 0..{L * H}, received {k}")
+    flat = scores.flatten()
+    order = sorted(range(L * H), key=lambda i: (-float(flat[i]), i))[:k]
+    return [(i // H, i % H) for i in order]
 
 
 def _check(probs: Tensor, *, square: bool = False) -> None:

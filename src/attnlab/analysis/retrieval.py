@@ -36,13 +36,13 @@ from ..htmlkit import note, table
 from ..models.loaders import LoadedModel
 from .base import Inputs, Result, analysis, causal_only, next_token_loss
 from .capture import Capture, head_gates
-from .metrics import spearman
+from .metrics import spearman, top_heads
 from .figures import heatmap
 from .text import eval_text, topic_names
 
 __all__ = ["AttentionInfluenceResult", "Haystack", "RetrievalHeadsResult", "build_haystack", "influence_corpus",
            "mask_accuracy", "relative_influence", "retrieval_score", "run_attention_influence",
-           "run_retrieval_heads", "score_haystack", "spearman", "top_heads"]
+           "run_retrieval_heads", "score_haystack"]
 
 _NAMES = ("Ada", "Boris", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira", "Liam",
           "Mona", "Nils", "Olga", "Pavel")
@@ -83,23 +83,6 @@ def retrieval_score(probs: Tensor, generated: Tensor, context_ids: Tensor, needl
     rel = (arg - start).clamp(0, stop - start - 1)  # needle offset (meaningful where copied)
     hit = torch.zeros(L, H, stop - start).scatter_reduce(-1, rel, copied.float(), reduce="amax")
     return hit.sum(-1) / (stop - start)  # distinct needle positions copied / needle length
-
-
-def top_heads(scores: Tensor, k: int) -> list[tuple[int, int]]:
-    """The ``k`` highest-scoring ``(layer, head)`` pairs of a ``(L, H)`` score tensor (ties: lower index first)."""
-    L, H = scores.shape
-    if not 0 <= k <= L * H:
-        raise ValueError(f"k: expected 0..{L * H}, received {k}")
-    flat = scores.flatten()
-    order = sorted(range(L * H), key=lambda i: (-float(flat[i]), i))[:k]
-    return [(i // H, i % H) for i in order]
-
-
-def _gates(L: int, H: int, heads: list[tuple[int, int]]) -> Tensor:
-    g = head_gates(L, H)
-    for layer, h in heads:
-        g[layer, h] = 0.0
-    return g
 
 
 def relative_influence(masked: Tensor, base: Tensor) -> Tensor:
@@ -239,7 +222,7 @@ def score_haystack(lm: LoadedModel, hs: Haystack, *, decode: str = "teacher", ma
 def mask_accuracy(lm: LoadedModel, haystacks: list[Haystack], heads: list[tuple[int, int]]) -> tuple[float, float]:
     """With ``heads`` masked: the fraction of haystacks whose value greedy decoding reproduces exactly, and the
     mean negative log-likelihood per answer token."""
-    gates = _gates(lm.info.layers, lm.info.heads, heads) if heads else None
+    gates = head_gates(lm.info.layers, lm.info.heads, off=heads) if heads else None
     ok, nll = [], []
     for hs in haystacks:
         logits, _, _ = _answer_rows(lm, hs, gates, capture=False)
@@ -474,7 +457,7 @@ class AttentionInfluenceResult(Result):
 
 
 def _doc_losses(lm: LoadedModel, ids: Tensor, heads: list[tuple[int, int]] | None) -> Tensor:
-    gates = _gates(lm.info.layers, lm.info.heads, heads) if heads else None
+    gates = head_gates(lm.info.layers, lm.info.heads, off=heads) if heads else None
     with torch.inference_mode():
         return next_token_loss(lm, ids, gates=gates, reduction="none")  # (D, n-1)
 

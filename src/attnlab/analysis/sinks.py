@@ -32,31 +32,17 @@ from ..htmlkit import note, table
 from ..models.loaders import LoadedModel
 from .base import Inputs, Result, analysis, causal_only, next_token_loss
 from .capture import Capture
-from .metrics import spearman
+from .metrics import spearman, visible_keys
 from .figures import heatmap, line_plot, token_colors
 
 __all__ = [
     "ActCalibrationResult", "CLOZE_ITEMS", "SinksResult", "act_edit", "block_modules", "cloze_accuracy",
     "longest_run", "massive_activations", "mlp_modules", "received_mass", "run_act_calibration", "run_sinks",
-    "sink_ratio", "spearman", "uniform_mass", "visibility",
+    "sink_ratio", "uniform_mass",
 ]
 
 
 # ------------------------------------------------------------------------------------------------ pure functions
-def visibility(n: int, causal: bool, attention_mask: Tensor | None = None) -> Tensor:
-    """``(N, N)`` bool: ``[i, j]`` is True when query row ``i`` can attend to key ``j`` (causal: ``j <= i``).
-    With an ``attention_mask (N,)`` of 0/1, padded rows and keys see nothing."""
-    vis = torch.ones(n, n, dtype=torch.bool)
-    if causal:
-        vis = torch.tril(vis)
-    if attention_mask is not None:
-        m = attention_mask.reshape(-1).bool()
-        if m.numel() != n:
-            raise ValueError(f"attention_mask: expected {n} entries, received {m.numel()}")
-        vis = vis & m[:, None] & m[None, :]
-    return vis
-
-
 def received_mass(probs: Tensor, vis: Tensor) -> Tensor:
     """Attention mass each key receives: ``probs (H, N, N)`` (or ``(N, N)``) and ``vis (N, N)`` -> ``(N,)``, the
     mean over heads and over the rows that see each key (0 for a key no row sees)."""
@@ -281,7 +267,7 @@ def run_sinks(lm: LoadedModel, inp: Inputs, *, k: float = 5.0, min_rows: int | N
     probs, hidden, mlp_norm, _ = _forward_with_internals(lm, inp)
     L, N = probs.shape[0], probs.shape[-1]
     min_rows = max(8, N // 4) if min_rows is None else int(min_rows)
-    vis = visibility(N, lm.info.causal, inp.attention_mask[0])
+    vis = visible_keys(inp.attention_mask, 1, N, causal=lm.info.causal)[0, 0]
     uni = uniform_mass(vis)
     mass = torch.stack([received_mass(probs[l], vis) for l in range(L)])  # (L, N)
     ratio = mass / uni.clamp_min(1e-12)
@@ -449,7 +435,7 @@ def run_act_calibration(lm: LoadedModel, inp: Inputs, *, threshold: float = 0.2,
         if layer not in chosen:
             return probs
         N = probs.shape[-1]
-        new, sinks = act_edit(probs, visibility(N, True), threshold=threshold, beta=beta, min_rows=min_rows)
+        new, sinks = act_edit(probs, visible_keys(None, 1, N, causal=True, device=probs.device)[0, 0], threshold=threshold, beta=beta, min_rows=min_rows)
         if counting["on"]:
             edited[layer] = int(sinks[0].any(-1).sum())
         return new
