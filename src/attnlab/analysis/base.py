@@ -9,6 +9,7 @@ not assumed") -- and ``sections()`` -- HTML fragments for the inspect report, bu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -128,6 +129,13 @@ def bidirectional_only(info: ModelInfo) -> bool:
 # AttentionInfluence, pruning curves): written once here.
 
 
+def gated(model: torch.nn.Module, gates: torch.Tensor | None):
+    """A context in which ``model`` runs with its heads scaled by ``gates (layers, heads)`` (nothing when None)."""
+    from .capture import Capture
+
+    return contextlib.nullcontext() if gates is None else Capture(model, layers=[], gates=gates)
+
+
 def next_token_loss(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     gates: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of each next token for a causal LM, optionally with head gates ``(layers, heads)``.
@@ -135,19 +143,14 @@ def next_token_loss(lm: LoadedModel, input_ids: torch.Tensor, attention_mask: to
     ``reduction="none"`` gives ``(B, N-1)`` per-position losses (padding positions are 0); ``"mean"`` averages
     over real tokens. Gradients flow to ``gates`` when it requires grad.
     """
-    from .capture import Capture
-
     if not lm.info.causal:
         raise ValueError(f"next_token_loss: expected a causal LM, received {lm.info.name} (bidirectional)")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction: expected 'mean' or 'none', received {reduction!r}")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     kwargs = {"input_ids": input_ids, "attention_mask": mask}
-    if gates is None:
+    with gated(lm.model, gates):
         logits = lm.model(**kwargs).logits
-    else:
-        with Capture(lm.model, layers=[], gates=gates):
-            logits = lm.model(**kwargs).logits
     lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -lp.gather(-1, input_ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
     if reduction == "none":
@@ -159,15 +162,10 @@ def sentence_embedding(lm: LoadedModel, input_ids: torch.Tensor, attention_mask:
                        gates: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
     """Mean-pooled last hidden state over real tokens, L2-normalised -- all-MiniLM-L6-v2's sentence embedding
     (its sentence-transformers config: mean pooling, then normalisation). ``(B, hidden)``."""
-    from .capture import Capture
-
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     kwargs = {"input_ids": input_ids, "attention_mask": mask}
-    if gates is None:
+    with gated(lm.model, gates):
         out = lm.model(**kwargs, output_hidden_states=True)
-    else:
-        with Capture(lm.model, layers=[], gates=gates):
-            out = lm.model(**kwargs, output_hidden_states=True)
     h = out.hidden_states[-1]
     m = mask[..., None].to(h.dtype)
     e = (h * m).sum(1) / m.sum(1).clamp_min(1)

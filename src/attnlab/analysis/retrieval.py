@@ -153,18 +153,10 @@ def _answer_rows(lm: LoadedModel, hs: Haystack, gates: Tensor | None, capture: b
     seq = torch.cat([hs.prompt, hs.answer])[None]
     n, a = len(hs.prompt), len(hs.answer)
     rows = list(range(n - 1, n + a - 1))
-    with torch.inference_mode():
-        if capture:
-            with Capture(lm.model, rows=rows, what=("probs",), gates=gates) as cap:
-                logits = lm.model(input_ids=seq, use_cache=False).logits[0, rows]
-            probs = torch.stack([cap.records[i]["probs"][0] for i in sorted(cap.records)])  # (L, H, A, Nk)
-        else:
-            if gates is None:
-                logits = lm.model(input_ids=seq, use_cache=False).logits[0, rows]
-            else:
-                with Capture(lm.model, layers=[], gates=gates):
-                    logits = lm.model(input_ids=seq, use_cache=False).logits[0, rows]
-            probs = None
+    with torch.inference_mode(), Capture(lm.model, layers=None if capture else [], rows=rows, what=("probs",),
+                                         gates=gates) as cap:
+        logits = lm.model(input_ids=seq, use_cache=False).logits[0, rows]
+    probs = torch.stack([cap.records[i]["probs"][0] for i in sorted(cap.records)]) if capture else None  # (L,H,A,Nk)
     return logits.float(), probs, seq[0]
 
 
