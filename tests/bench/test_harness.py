@@ -55,3 +55,13 @@ def test_ops_bench_measures_in_subprocesses():
     assert err["value"] < 1e-5
     rows = ops_table_rows(recs)
     assert [r[0] for r in rows] == ["sdpa", "chunked_attention"]
+
+
+def test_time_interleaved_times_every_function_in_rotating_rounds():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    out = harness.time_interleaved(fns, warmup=1, repeats=3)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    assert calls[3:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each round starts one later
+    assert set(out) == {"a", "b", "c"} and all(v["repeats"] == 3 and v["min"] <= v["median"] <= v["max"]
+                                                for v in out.values())

@@ -47,6 +47,24 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_t
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": len(times)}
 
 
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5) -> dict[str, dict]:
+    """Median/min/max seconds per call of each function, timed in rounds (each round calls every function once,
+    the order rotating), so that load changes on a shared machine hit all sides alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: {"median": statistics.median(t), "min": min(t), "max": max(t), "repeats": len(t)}
+            for n, t in times.items()}
+
+
 def peak_rss_mib() -> float:
     """This process's RSS high-water mark in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

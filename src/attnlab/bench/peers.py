@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .harness import make_record, time_call
+from .harness import make_record, time_interleaved
 
 Progress = Callable[[str], None]
 
@@ -53,8 +51,8 @@ def _fla_naive(name: str):
 def _pair(mechanism: str, peer: str, cfg: dict, ours: Callable, theirs: Callable, repeats: int) -> list[dict]:
     with torch.no_grad():
         out_ours, out_peer = ours(), theirs()
-        t_ours = time_call(ours, warmup=1, repeats=repeats)
-        t_peer = time_call(theirs, warmup=1, repeats=repeats)
+        t = time_interleaved({"ours": ours, "theirs": theirs}, repeats=repeats)
+        t_ours, t_peer = t["ours"], t["theirs"]
     diff = (out_ours.float() - out_peer.float()).abs().max().item()
     return [
         make_record("peers", mechanism, {**cfg, "side": "attnlab"}, "time_s", t_ours["median"], "s",
@@ -211,22 +209,6 @@ def load_biformer(src: str | os.PathLike | None = None) -> types.SimpleNamespace
     return types.SimpleNamespace(root=root, legacy=legacy, nchw=nchw)
 
 
-def _interleaved(fns: dict[str, Callable], repeats: int) -> dict[str, dict]:
-    """Median/min/max seconds per call of each function, timed in rounds (each round calls every function once,
-    the order rotating), so that load changes on a shared machine hit all sides alike."""
-    names = list(fns)
-    for f in fns.values():  # warm-up
-        f()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: {"median": statistics.median(t), "min": min(t), "max": max(t), "repeats": len(t)}
-            for n, t in times.items()}
-
-
 def _share_biformer_weights(ours: torch.nn.Module, legacy: torch.nn.Module, nchw: torch.nn.Module | None) -> None:
     """Copy the official legacy module's weights into attnlab's biformer (and the nchw module).
 
@@ -317,7 +299,7 @@ def biformer_official(src: str | os.PathLike | None = None, side: int = 56, n_wi
         torch.set_num_threads(n_threads or default_threads)
         try:
             with torch.no_grad():
-                t, tc = _interleaved(fns, repeats), _interleaved(core, repeats)
+                t, tc = time_interleaved(fns, repeats=repeats), time_interleaved(core, repeats=repeats)
         finally:
             torch.set_num_threads(default_threads)
         for level, times in (("module", t), ("core", tc)):
