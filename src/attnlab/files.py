@@ -1,4 +1,5 @@
-"""Writing result files safely: readers see the old file or the whole new one, never a part."""
+"""Files: result files written safely (readers see the old file or the whole new one, never a part), and the
+cache directory for converted models and built kernels."""
 
 from __future__ import annotations
 
@@ -22,3 +23,16 @@ def write_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cache_dir() -> Path:
+    """Where converted models and built kernels are kept: ``$ATTNLAB_CACHE`` or ``~/.cache/attnlab``; the system's
+    temporary directory when that cannot be written (e.g. a read-only home on a CI runner)."""
+    base = Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab"))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / "attnlab-cache"

@@ -235,14 +235,14 @@ def test_tiled_attention_rejects_wrong_plan():
 
 def test_tiled_attention_never_forms_the_full_matrix(monkeypatch):
     seen = []
-    real = W.attention
+    real = W._attention_tiles  # every tile call, fused kernel or SDPA
 
-    def spy(q, k, v, **kw):
+    def spy(q, k, v, *args):
         seen.append((q.shape[-2], k.shape[-2]))
-        return real(q, k, v, **kw)
+        return real(q, k, v, *args)
 
-    monkeypatch.setattr(W, "attention", spy)
-    q, k, v = qkv(B=1, Nq=4096, Nk=4096, D=4)
+    monkeypatch.setattr(W, "_attention_tiles", spy)
+    q, k, v = qkv(B=1, Nq=4096, Nk=4096, D=4, dtype=torch.float32)
     W.tiled_attention(q, k, v, W.band_plan(4096, 4096, 16, 16))
     na = W.neighborhood_plan(64, 7, tile=8)
     W.tiled_attention(q, k, v, W.combine_plans([na, na]))

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..files import cache_dir
+
 __all__ = ["KNOWN_MODELS", "LoadedModel", "ModelInfo", "cache_dir", "load_model", "model_info"]
 
 # name -> (pip package providing it, what it is). The loader functions below read the files inside the package.
@@ -85,19 +87,6 @@ class LoadedModel:
         """The token strings of one sequence (for labels in reports)."""
         ids = input_ids.reshape(-1).tolist()
         return [self.tokenizer.decode([i]) for i in ids]
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$ATTNLAB_CACHE`` or ``~/.cache/attnlab``; the system's temporary
-    directory when that cannot be written (e.g. a read-only home on a CI runner)."""
-    base = Path(os.environ.get("ATTNLAB_CACHE", Path.home() / ".cache" / "attnlab"))
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        if os.access(base, os.W_OK):
-            return base
-    except OSError:
-        pass
-    return Path(tempfile.gettempdir()) / "attnlab-cache"
 
 
 def _require(module: str, pip_name: str, what: str) -> Path:

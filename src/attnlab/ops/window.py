@@ -5,8 +5,9 @@ How it works. Every local pattern is described per axis by a :class:`TilePlan`: 
 ``tq`` positions, each tile gets one contiguous-in-its-group key region of ``tk`` positions that contains every key any
 of its queries may see, and a boolean ``keep (T, tq, tk)`` says which of those keys each query actually sees. A 2-D
 pattern is the outer product of two 1-D plans (:func:`combine_plans`). :func:`tiled_attention` then gathers query tiles
-and key regions, folds the tiles into the batch dimension and calls the exact attention op
-(:func:`attnlab.ops.attention`, i.e. torch SDPA) on them -- cost ``O(N * tk * d)``, memory ``O(N * tk)``; tiles are
+and key regions, folds the tiles into the batch dimension and attends within them exactly -- with the fused CPU
+kernel of :mod:`attnlab.ops.native` for float32 tiles of up to 512 queries and keys (about twice SDPA's speed on
+64-token tiles), else with :func:`attnlab.ops.attention` (torch SDPA) -- cost ``O(N * tk * d)``, memory ``O(N * tk)``; tiles are
 processed in bounded groups (fully visible tiles without a mask), gathered into buffers reused between no-grad calls
 (see ``_WORKSPACE``; :func:`release_workspace` frees them). Window
 mechanisms whose key regions are their query tiles can instead gather the *input* once (:func:`gather_rows`), project
@@ -47,6 +48,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..errors import shape_error
+from . import native
 from .softmax import attention, check_inputs
 
 __all__ = [
@@ -594,7 +596,7 @@ def _attend(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int, tiles: s
             mask = _additive_keep(plan, qt.dtype, str(qt.device))[tiles]
             if B > 1:
                 mask = mask[None].expand(B, *mask.shape).reshape(B * Tc, 1, tq, tk)
-        return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
+        return _attention_tiles(qt, kt, vt, mask, scale, return_lse)
     if key_padding_mask is not None:
         kpm = key_padding_mask.index_select(1, plan.k_index[tiles].reshape(-1)).view(B, Tc, 1, tk)
         keep = kpm if keep is None else keep[None] & kpm  # (B, Tc, tq | 1, tk)
@@ -610,6 +612,14 @@ def _attend(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int, tiles: s
             b = _fold_bias(bias, B, T, tiles)
         b = b.to(qt.dtype)
         mask = b if keep is None else b.masked_fill(~keep, float("-inf"))
+    return _attention_tiles(qt, kt, vt, mask, scale, return_lse)
+
+
+def _attention_tiles(qt: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, scale, return_lse: bool):
+    """One attention call over tiles ``(B*T, H, t, D)``: the fused CPU kernel of :mod:`attnlab.ops.native` where it
+    takes them (float32, tiles of at most ``native.MAX_TILE``), SDPA (or the chunked op for the lse) otherwise."""
+    if native.supports(qt, kt, vt, mask):
+        return native.tile_attention(qt, kt, vt, mask, scale, return_lse)
     return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)
 
 

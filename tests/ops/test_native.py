@@ -1,0 +1,189 @@
+"""The fused CPU tile kernel (attnlab/ops/native): built here, equal to the reference on outputs, log-sum-exp and
+gradients (q, k, v, mask, and through the lse), and a clean fallback to SDPA when it cannot be built."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from attnlab.ops import native, reference_attention
+from attnlab.ops import window as W
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason=f"fused tile kernel: {native.status()}")
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert native.available(), native.status()
+    assert native.status() == "ok"
+
+
+def tiles(T, Hq, Hkv, tq, tk, D, Dv, seed=0):
+    """Token-major tiles viewed as (T, H, t, D), as window.py produces them."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, tq, Hq, D, generator=g).transpose(1, 2)
+    k = torch.randn(T, tk, Hkv, D, generator=g).transpose(1, 2)
+    v = torch.randn(T, tk, Hkv, Dv, generator=g).transpose(1, 2)
+    return [t.detach().requires_grad_() for t in (q, k, v)]
+
+
+CASES = {  # T, Hq, Hkv, tq, tk, D, Dv, mask kind
+    "64x64 d64": (3, 4, 4, 64, 64, 64, 64, None),
+    "gqa, odd sizes": (3, 6, 2, 13, 37, 20, 24, "float-tile"),
+    "neighborhood-like": (2, 3, 1, 49, 196, 32, 32, "bool-tile"),
+    "one query one key": (2, 2, 2, 1, 1, 16, 16, None),
+    "bias per head, shared by tiles": (4, 2, 2, 17, 17, 8, 8, "float-head"),
+    "bias per tile and head": (2, 2, 1, 16, 33, 48, 40, "float-full"),
+}
+
+
+def make_mask(kind, T, H, tq, tk, seed=1):
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    shape = {"float-tile": (T, 1, tq, tk), "bool-tile": (T, 1, tq, tk), "float-head": (1, H, tq, tk),
+             "float-full": (T, H, tq, tk)}[kind]
+    hidden = torch.rand(shape, generator=g) < 0.4
+    hidden[(0,) * (len(shape) - 1)] = True  # one query of the first tile sees no key at all
+    if kind.startswith("bool"):
+        return ~hidden
+    return torch.randn(shape, generator=g).masked_fill(hidden, float("-inf")).requires_grad_()
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", list(CASES))
+def test_outputs_lse_and_gradients_equal_the_reference(case):
+    T, Hq, Hkv, tq, tk, D, Dv, kind = CASES[case]
+    q, k, v = tiles(T, Hq, Hkv, tq, tk, D, Dv)
+    mask = make_mask(kind, T, Hq, tq, tk)
+    assert native.supports(q, k, v, mask)
+    o, lse = native.tile_attention(q, k, v, mask, return_lse=True)
+    assert o.shape == (T, Hq, tq, Dv) and lse.shape == (T, Hq, tq)
+
+    leaves = [q, k, v] + ([mask] if mask is not None and mask.requires_grad else [])
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    rq, rk, rv = ref_leaves[:3]
+    rmask = ref_leaves[3] if len(ref_leaves) > 3 else (None if mask is None else mask)
+    ro, rlse = reference_attention(rq, rk, rv, attn_mask=rmask, return_lse=True)
+    torch.testing.assert_close(o.double(), ro, **TOL)
+    torch.testing.assert_close(lse.double(), rlse, **TOL)  # -inf where a query sees nothing
+    if kind is not None:
+        assert lse[0, 0, 0] == float("-inf") and torch.equal(o[0, 0, 0], torch.zeros(Dv))
+
+    # gradients through the output and through the lse (merged attention uses it)
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
+    wl = torch.randn(lse.shape, generator=torch.Generator().manual_seed(3))
+    finite = lambda x: x.masked_fill(torch.isinf(x), 0)  # noqa: E731
+    g = torch.autograd.grad((o * w).sum() + (finite(lse) * wl).sum(), leaves)
+    rg = torch.autograd.grad((ro * w.double()).sum() + (finite(rlse) * wl.double()).sum(), ref_leaves)
+    for a, b in zip(g, rg):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, **TOL)
+
+
+@needs_kernel
+def test_scale_and_non_contiguous_keys():
+    q, k, v = tiles(2, 2, 2, 16, 24, 16, 16)
+    k_strided = k.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()  # last dim not unit stride
+    o = native.tile_attention(q, k_strided, v, scale=0.3)
+    ref = reference_attention(q.double(), k_strided.double(), v.double(), scale=0.3)
+    torch.testing.assert_close(o.double(), ref, **TOL)
+
+
+def test_rejects_incompatible_heads():
+    q, k, v = tiles(1, 3, 2, 4, 4, 8, 8)
+    if not native.available():
+        pytest.skip(native.status())
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        native.tile_attention(q, k, v)
+
+
+def test_supports_only_float32_cpu_tiles_up_to_the_limit():
+    q, k, v = tiles(1, 2, 2, 8, 8, 8, 8)
+    assert not native.supports(q.double(), k.double(), v.double(), None)
+    assert not native.supports(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    big = tiles(1, 1, 1, native.MAX_TILE + 1, 8, 8, 8)
+    assert not native.supports(*big, None)
+    with native.disabled():
+        assert not native.supports(q, k, v, None)
+    assert native.supports(q, k, v, None) == native.available()
+
+
+# ------------------------------------------------------------------- through tiled_attention, vs the SDPA path
+
+
+def plans():
+    na = W.neighborhood_plan(11, 5, tile=4)
+    return {
+        "band": (W.band_plan(70, 70, 9, 9, 16), 70),
+        "band-causal": (W.band_plan(70, 70, 9, 0, 16), 70),
+        "neighborhood 2-D": (W.combine_plans([na, na]), 121),
+        "shifted blocks 2-D": (W.combine_plans([W.block_plan(10, 4, 2), W.block_plan(10, 4, 2)]), 100),
+        "halo blocks 2-D": (W.combine_plans([W.block_plan(12, 4, 0, 2)] * 2), 144),
+    }
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(plans()))
+def test_tiled_attention_same_with_and_without_the_kernel(name):
+    plan, n = plans()[name]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g).requires_grad_() for _ in range(3))
+    kpm = torch.ones(2, n, dtype=torch.bool)
+    kpm[1, 3:9] = False
+    table = torch.randn(4, plan.tq, plan.tk, generator=g).requires_grad_()  # a bias shared by tiles, per head
+    leaves = (q, k, v, table)
+
+    def run():
+        o = W.tiled_attention(q, k, v, plan, key_padding_mask=kpm, bias=table[None])
+        return o, torch.autograd.grad((o * o.detach().sin()).sum(), leaves)
+
+    o_fast, g_fast = run()
+    with native.disabled():
+        o_sdpa, g_sdpa = run()
+    torch.testing.assert_close(o_fast, o_sdpa, **TOL)
+    for a, b in zip(g_fast, g_sdpa):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+# --------------------------------------------------------------------------------------------- fallback
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A module state that has not tried to build yet, with an empty cache (restored afterwards)."""
+    monkeypatch.setattr(native, "_LIB", None)
+    monkeypatch.setattr(native, "_STATUS", None)
+    monkeypatch.setenv("ATTNLAB_CACHE", str(tmp_path))
+
+
+def test_no_compiler_means_the_sdpa_path(fresh_state, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    assert not native.available()
+    assert native.status().startswith("unavailable") and "nonexistent" in native.status()
+    q, k, v = (torch.randn(1, 2, 30, 8) for _ in range(3))
+    assert not native.supports(q, k, v, None)
+    out = W.tiled_attention(q, k, v, W.band_plan(30, 30, 3, 3, 8))  # still works, through SDPA
+    ref = reference_attention(q, k, v, attn_mask=W.band_mask(30, 30, 3, 3))
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_environment_switch_disables_the_kernel(fresh_state, monkeypatch):
+    monkeypatch.setenv("ATTNLAB_NATIVE", "0")
+    assert not native.available()
+    assert native.status() == "disabled by ATTNLAB_NATIVE=0"
+
+
+def test_a_compile_error_is_reported_not_raised(fresh_state, monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "_SOURCE", broken)
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    assert not native.available()
+    assert "failed" in native.status()
+    assert not list((tmp_path / "kernels").glob("*.so"))  # no partial library left behind
