@@ -132,7 +132,8 @@ def plans():
 def test_tiled_attention_same_with_and_without_the_kernel(name):
     plan, n = plans()[name]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, n, 16, generator=g).requires_grad_() for _ in range(3))
+    q = torch.randn(2, 4, n, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2, n, 16, generator=g).requires_grad_() for _ in range(2))  # grouped heads
     kpm = torch.ones(2, n, dtype=torch.bool)
     kpm[1, 3:9] = False
     table = torch.randn(4, plan.tq, plan.tk, generator=g).requires_grad_()  # a bias shared by tiles, per head

@@ -242,6 +242,13 @@ def test_tiled_attention_never_forms_the_full_matrix(monkeypatch):
         return real(q, k, v, *args)
 
     monkeypatch.setattr(W, "_attention_tiles", spy)
+    real_native = W.native.indexed_attention  # the fused kernel reading tiles in place
+
+    def spy_native(q, k, v, q_index, k_index, *args):
+        seen.append((q_index.shape[1], k_index.shape[1]))
+        return real_native(q, k, v, q_index, k_index, *args)
+
+    monkeypatch.setattr(W.native, "indexed_attention", spy_native)
     q, k, v = qkv(B=1, Nq=4096, Nk=4096, D=4, dtype=torch.float32)
     W.tiled_attention(q, k, v, W.band_plan(4096, 4096, 16, 16))
     na = W.neighborhood_plan(64, 7, tile=8)

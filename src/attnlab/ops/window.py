@@ -424,6 +424,8 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
                           f"q_len = {s.q_len}, k_len = {s.kv_len}")
     plan = plan.to(q.device)
     B, T, tq, tk = s.batch, plan.tiles, plan.tq, plan.tk
+    if not callable(bias) and native.supports(q, k, v, None, (tq, tk)):
+        return _tiled_native(q, k, v, plan, s.batch, scale, key_padding_mask, bias, return_lse)
     in_order = _in_order(plan)
     if plan.k_window is not None:  # strided views of the zero-padded keys: nothing is gathered
         kw, vw = (_window_view(t, *plan.k_window, T, tk) for t in (k, v))
@@ -465,6 +467,20 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
     if not return_lse:
         return o
     return o, _untile(lses, B, T * tq, plan.q_len, slots).transpose(1, 2)
+
+
+def _tiled_native(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, B: int, scale, key_padding_mask, bias,
+                  return_lse: bool):
+    """:func:`tiled_attention` by the fused kernel reading each tile's rows in place (nothing gathered, outputs
+    written to their positions): the plan's mask and a tensor bias become one additive ``(B|1, T, Hq|1, tq, tk)``."""
+    T = plan.tiles
+    mask = None if plan.keep is None else _additive_keep(plan, q.dtype, str(q.device)).unsqueeze(0)
+    if bias is not None:
+        b = _fold_bias(bias, B, T).to(q.dtype)
+        b = b.unsqueeze(0) if b.shape[0] == 1 else b.unflatten(0, (B, T))
+        mask = b if mask is None else b + mask
+    return native.indexed_attention(q, k, v, plan.q_index, plan.k_index, plan.q_valid, mask, key_padding_mask,
+                                    scale, return_lse)
 
 
 def _untile(parts: list[Tensor], B: int, rows: int, q_len: int, slots: Tensor | None) -> Tensor:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ...files import cache_dir
 
-__all__ = ["available", "status", "supports", "tile_attention", "disabled", "MAX_TILE"]
+__all__ = ["available", "status", "supports", "tile_attention", "indexed_attention", "disabled", "MAX_TILE"]
 
 _SOURCE = Path(__file__).with_name("tile_attention.cpp")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
@@ -66,8 +66,8 @@ def _build() -> ctypes.CDLL:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
     p, f, i = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.attnlab_tile_forward.argtypes = [p, p, f, p, p, p, p, p, p, i]
-    lib.attnlab_tile_backward.argtypes = [p, p, f, p, p, p, p, p, p, p, p, p, p, p, p, i]
+    for fn in (lib.attnlab_tile_forward, lib.attnlab_tile_backward):
+        fn.argtypes = [p, p, p, f, p, p, p, p, i]
     lib.attnlab_tile_forward.restype = lib.attnlab_tile_backward.restype = i
     return lib
 
@@ -125,73 +125,113 @@ def disabled():
         _OFF.on = before
 
 
-def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, tiles: tuple[int, int] | None = None) -> bool:
     """Whether :func:`tile_attention` takes these tiles: float32 on the CPU, last dimensions contiguous, tiles of at
     most ``MAX_TILE`` queries and keys, a 4-D additive float32 or boolean (True = keep) mask or none, and the kernel
-    available."""
+    available. ``tiles``: the (tq, tk) of :func:`indexed_attention` (default: the operands' own rows)."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4 for t in (q, k, v)):
         return False
     if mask is not None and (mask.device.type != "cpu" or mask.dtype not in (torch.float32, torch.bool)
                              or mask.dim() != 4):
         return False
-    if max(q.shape[2], k.shape[2]) > MAX_TILE or q.shape[2] == 0 or k.shape[2] == 0 or getattr(_OFF, "on", False):
+    tq, tk = tiles or (q.shape[2], k.shape[2])
+    if max(tq, tk) > MAX_TILE or tq == 0 or tk == 0 or getattr(_OFF, "on", False):
         return False
     return available()
-
-
-def _strides(t: Tensor) -> list[int]:
-    """(tile, head, row) strides in elements; 0 along broadcast dimensions."""
-    return [s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3])]
 
 
 def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _ptr(t: Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _op(t: Tensor | None) -> list[int]:
+    """(batch, tile, head, row) element strides of a ``(B, H, rows, D)`` operand (rows addressed by index or by
+    position within a tile); 0 along broadcast dimensions."""
+    if t is None:
+        return [0, 0, 0, 0]
+    b, h, r = (s if n > 1 else 0 for s, n in zip(t.stride()[:3], t.shape[:3]))
+    return [b, 0, h, r]
 
 
-class _TileAttention(torch.autograd.Function):
+def _mask_op(m: Tensor | None) -> list[int]:
+    """Strides of an additive mask ``(B, T, H, tq, tk)`` (broadcast dimensions 0)."""
+    if m is None:
+        return [0, 0, 0, 0]
+    return [s if n > 1 else 0 for s, n in zip(m.stride()[:4], m.shape[:4])]
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Geometry:
+    """Where each tile's rows are: ``B`` batch elements of ``T`` tiles; ``q_index (T, tq)`` / ``k_index (T, tk)``
+    token positions (None: the operands are already tiles, ``B`` counting them), ``q_valid (T, tq)`` uint8,
+    ``kpm (B, Nk)`` uint8 (1 = key kept)."""
+
+    def __init__(self, B, T, tq, tk, q_index=None, k_index=None, q_valid=None, kpm=None):
+        self.B, self.T, self.tq, self.tk = B, T, tq, tk
+        self.q_index, self.k_index, self.q_valid, self.kpm = q_index, k_index, q_valid, kpm
+
+    def call(self, fn, ops: list[Tensor | None], strides: list[int], D: int, Dv: int, Hq: int, Hkv: int,
+             scale: float) -> None:
+        sizes = torch.tensor([self.B, self.T, Hq, Hkv, self.tq, self.tk, D, Dv,
+                              0 if self.kpm is None else self.kpm.stride(0)], dtype=torch.int64)
+        st = torch.tensor(strides, dtype=torch.int64)
+        ptrs = (ctypes.c_void_p * len(ops))(*[_ptr(t) for t in ops])
+        fn(sizes.data_ptr(), st.data_ptr(), ptrs, scale, _ptr(self.q_index), _ptr(self.k_index),
+           _ptr(self.q_valid), _ptr(self.kpm), torch.get_num_threads())
+
+
+class _Fused(torch.autograd.Function):
+    """``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D[v])``, ``mask (B, T, Hq, tq, tk)`` additive (broadcastable), laid
+    out in tiles by ``geo``. Returns ``o (B, Hq, Nq, Dv)`` (token-major memory) and ``lse (B, Hq, Nq)``."""
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        T, Hq, tq, D = q.shape
-        Hkv, tk, Dv = k.shape[1], k.shape[2], v.shape[3]
-        q, k, v = (_unit_last(t) for t in (q, k, v))
-        m = None if mask is None else _unit_last(mask.expand(T, Hq, tq, tk))
-        # token-major output, as SDPA returns it: (T, tq, Hq, Dv) viewed as (T, Hq, tq, Dv)
-        o = torch.empty(T, tq, Hq, Dv, dtype=q.dtype).transpose(1, 2)
-        lse = torch.empty(T, Hq, tq, dtype=q.dtype)
-        sizes = torch.tensor([T, Hq, Hkv, tq, tk, D, Dv], dtype=torch.int64)
-        strides = torch.tensor(_strides(q) + _strides(k) + _strides(v) + (_strides(m) if m is not None else [0] * 3)
-                               + _strides(o), dtype=torch.int64)
-        _LIB.attnlab_tile_forward(_ptr(sizes), _ptr(strides), scale, _ptr(q), _ptr(k), _ptr(v), _ptr(m), _ptr(o),
-                                  _ptr(lse), torch.get_num_threads())
-        ctx.save_for_backward(q, k, v, m, o, lse)
-        ctx.scale, ctx.mask_shape = scale, None if mask is None else mask.shape
+    def forward(ctx, q, k, v, mask, scale, geo, rows):
+        B, Hq, _, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
+        o = torch.empty(B, rows, Hq, Dv, dtype=q.dtype).transpose(1, 2)
+        lse = torch.empty(B, Hq, rows, dtype=q.dtype)
+        geo.call(_LIB.attnlab_tile_forward, [q, k, v, mask, o, lse],
+                 _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None]), D, Dv, Hq, Hkv, scale)
+        ctx.save_for_backward(q, k, v, mask, o, lse)
+        ctx.scale, ctx.geo = scale, geo
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, m, o, lse = ctx.saved_tensors
-        T, Hq, tq, D = q.shape
-        Hkv, tk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        geo = ctx.geo
+        B, Hq, _, D = q.shape
+        Hkv, Dv = k.shape[1], v.shape[3]
         do = _unit_last(do)
         dlse = None if dlse is None or not bool(dlse.any()) else dlse.contiguous()
-        dq = torch.empty(T, tq, Hq, D, dtype=q.dtype).transpose(1, 2)
-        dk = torch.empty(T, tk, Hkv, D, dtype=q.dtype).transpose(1, 2)
-        dv = torch.empty(T, tk, Hkv, Dv, dtype=q.dtype).transpose(1, 2)
+        # dq rows are written once each; dk, dv rows are added into (keys shared by tiles)
+        dq = torch.zeros(B, q.shape[2], Hq, D, dtype=q.dtype).transpose(1, 2)
+        dk = torch.zeros(B, k.shape[2], Hkv, D, dtype=q.dtype).transpose(1, 2)
+        dv = torch.zeros(B, k.shape[2], Hkv, Dv, dtype=q.dtype).transpose(1, 2)
         want_mask = m is not None and ctx.needs_input_grad[3]
-        dm = torch.empty(T, Hq, tq, tk, dtype=q.dtype) if want_mask else None
-        sizes = torch.tensor([T, Hq, Hkv, tq, tk, D, Dv], dtype=torch.int64)
-        strides = torch.tensor(_strides(q) + _strides(k) + _strides(v) + (_strides(m) if m is not None else [0] * 3)
-                               + _strides(o) + _strides(do) + _strides(dq) + _strides(dk) + _strides(dv),
-                               dtype=torch.int64)
-        _LIB.attnlab_tile_backward(_ptr(sizes), _ptr(strides), ctx.scale, _ptr(q), _ptr(k), _ptr(v), _ptr(m), _ptr(o),
-                                   _ptr(lse), _ptr(do), _ptr(dlse), _ptr(dq), _ptr(dk), _ptr(dv), _ptr(dm),
-                                   torch.get_num_threads())
-        dmask = dm.sum_to_size(ctx.mask_shape) if want_mask else None
-        return dq, dk, dv, dmask, None
+        dm = torch.empty(geo.B, geo.T, Hq, geo.tq, geo.tk, dtype=q.dtype) if want_mask else None
+        geo.call(_LIB.attnlab_tile_backward, [q, k, v, m, o, lse, do, dlse, dq, dk, dv, dm],
+                 _op(q) + _op(k) + _op(v) + _mask_op(m) + _op(o) + _op(lse[..., None]) + _op(do)
+                 + _op(None if dlse is None else dlse[..., None]) + _op(dq) + _op(dk) + _op(dv) + [0] * 4,
+                 D, Dv, Hq, Hkv, ctx.scale)
+        dmask = dm.sum_to_size(m.shape) if want_mask else None
+        return dq, dk, dv, dmask, None, None, None
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
+def _check(q: Tensor, k: Tensor) -> None:
+    if _lib() is None:
+        raise RuntimeError(f"the fused tile kernel is {status()}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"expected query heads to be a multiple of key heads, got {q.shape[1]} and {k.shape[1]}")
 
 
 def tile_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None,
@@ -204,13 +244,37 @@ def tile_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
     lse ``-inf``). Returns ``(T, Hq, tq, Dv)`` (a transposed view of token-major memory), and the log-sum-exp
     ``(T, Hq, tq)`` with ``return_lse``. Call only when :func:`supports` is True.
     """
-    if _lib() is None:
-        raise RuntimeError(f"the fused tile kernel is {status()}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"tile_attention: expected query heads to be a multiple of key heads, got {q.shape[1]} "
-                         f"and {k.shape[1]}")
+    _check(q, k)
+    T, Hq, tq, _ = q.shape
+    tk = k.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
-    o, lse = _TileAttention.apply(q, k, v, mask, scale)
+    m = _additive(mask, q.dtype)
+    if m is not None and m.dim() != 4:
+        raise ValueError(f"tile_attention: expected a 4-D mask broadcastable to {(T, Hq, tq, tk)}, got {tuple(m.shape)}")
+    m5 = None if m is None else _unit_last(m).unsqueeze(1)  # (B = T tiles, 1, Hq, tq, tk), broadcast dims stride 0
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    o, lse = _Fused.apply(q, k, v, m5, scale, _Geometry(T, 1, tq, tk), tq)
+    return (o, lse) if return_lse else o
+
+
+def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, q_valid: Tensor | None,
+                      mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+                      scale: float | None = None, return_lse: bool = False):
+    """Softmax attention of query tiles to key regions read in place: ``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk,
+    D[v])``; tile ``t``'s queries are positions ``q_index[t]`` and its keys ``k_index[t]`` (no gathered copies; each
+    real query in exactly one valid slot, ``q_valid (T, tq)``). ``mask``: additive logits broadcastable to
+    ``(B, T, Hq, tq, tk)``; ``key_padding_mask (B, Nk)`` True = keep. Returns ``(B, Hq, Nq, Dv)`` (token-major
+    memory) and with ``return_lse`` the log-sum-exp ``(B, Hq, Nq)``. The engine of
+    :func:`attnlab.ops.window.tiled_attention` on CPU float32."""
+    _check(q, k)
+    B = q.shape[0]
+    T, tq = q_index.shape
+    tk = k_index.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    qi, ki = (i.to(torch.int64).contiguous() for i in (q_index, k_index))
+    qv = None if q_valid is None or bool(q_valid.all()) else q_valid.to(torch.uint8).contiguous()
+    kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    m = None if mask is None else _unit_last(mask)
+    q, k, v = (_unit_last(t) for t in (q, k, v))
+    o, lse = _Fused.apply(q, k, v, m, scale, _Geometry(B, T, tq, tk, qi, ki, qv, kpm), q.shape[2])
     return (o, lse) if return_lse else o

@@ -132,21 +132,20 @@ inline void transpose16(vf* r) {
 }
 #undef SHUF
 
-// dst[cols x ldd] = src[rows x cols]^T with ldd = round_up(rows): columns rows..ldd are zero (padding keys
-// contribute nothing). Whole 16 x 16 blocks in registers; edge blocks through a zero-padded copy.
-void transpose(const float* src, int64_t ss, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+// dst[cols x ldd] = src^T for src given by its row pointers (rows x cols), ldd = round_up(rows): columns
+// rows..ldd are zero (padding keys contribute nothing). Whole 16 x 16 blocks in registers; edges through zero padding.
+void transpose(const float* const* src, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
     vf r[16];
     for (int64_t r0 = 0; r0 < rows; r0 += VL) {
         const int64_t nr = std::min<int64_t>(VL, rows - r0);
         for (int64_t c0 = 0; c0 < cols; c0 += VL) {
             const int64_t nc = std::min<int64_t>(VL, cols - c0);
-            const float* s = src + r0 * ss + c0;
             if (nr == VL && nc == VL) {
-                for (int i = 0; i < VL; ++i) r[i] = load(s + i * ss);
+                for (int i = 0; i < VL; ++i) r[i] = load(src[r0 + i] + c0);
             } else {
                 for (int i = 0; i < VL; ++i) {
                     r[i] = splat(0.0f);
-                    if (i < nr) std::memcpy(&r[i], s + i * ss, nc * sizeof(float));
+                    if (i < nr) std::memcpy(&r[i], src[r0 + i] + c0, nc * sizeof(float));
                 }
             }
             transpose16(r);
@@ -155,91 +154,130 @@ void transpose(const float* src, int64_t ss, int64_t rows, int64_t cols, float* 
     }
 }
 
-// A row-major operand whose rows must be whole vectors: used in place when its width is a multiple of VL,
-// otherwise copied into a zero-padded buffer. Returns its row stride; *p points at the rows to use.
-int64_t padded_rows(const float** p, int64_t stride, int64_t rows, int64_t cols, float* buf) {
-    if (cols % VL == 0) return stride;
-    int64_t w = round_up(cols);
+// Copy rows (given by pointers) into a dense buffer whose rows are whole vectors (zero-padded to ld).
+void copy_rows(const float* const* src, int64_t rows, int64_t cols, float* dst, int64_t ld) {
     for (int64_t r = 0; r < rows; ++r) {
-        std::memcpy(buf + r * w, *p + r * stride, cols * sizeof(float));
-        std::memset(buf + r * w + cols, 0, (w - cols) * sizeof(float));
+        std::memcpy(dst + r * ld, src[r], cols * sizeof(float));
+        std::memset(dst + r * ld + cols, 0, (ld - cols) * sizeof(float));
     }
-    *p = buf;
-    return w;
 }
 
-struct Strides { int64_t tile, head, row; };
-
-struct Problem {
-    int64_t tiles, hq, hkv, tq, tk, d, dv;
-    float scale;
-    const float *q, *k, *v, *mask;  // mask: additive logits (already scaled), or null
-    Strides sq, sk, sv, sm;
-    float *o, *lse;                 // o: (tile, head, row) strides so; lse: contiguous (tiles, hq, tq)
-    Strides so;
-    // backward
-    const float *out, *dout, *dlse;  // dlse: gradient of the log-sum-exp (contiguous like lse), or null
-    Strides sout, sdo;
-    float *dq, *dk, *dv_, *dmask;   // dq like so-strided sdq; dk, dv like sdk/sdv; dmask contiguous (tiles, hq, tq, tk)
-    Strides sdq, sdk, sdv;
+// A strided array addressed by (batch b, tile t, head h, row i): base + b sb + t st + h sh + r sr, where the row r
+// is i itself, or idx[t * len + i] when an index is given (rows gathered from / scattered to token positions).
+template <class T>
+struct Op {
+    T* p = nullptr;
+    int64_t sb = 0, st = 0, sh = 0, sr = 0;
+    const int64_t* idx = nullptr;
+    T* row(int64_t b, int64_t t, int64_t h, int64_t i, int64_t len) const {
+        return p + b * sb + t * st + h * sh + (idx ? idx[t * len + i] : i) * sr;
+    }
 };
 
-inline const float* at(const float* base, const Strides& s, int64_t t, int64_t h) {
-    return base + t * s.tile + h * s.head;
-}
-inline float* at(float* base, const Strides& s, int64_t t, int64_t h) { return base + t * s.tile + h * s.head; }
+struct Problem {
+    int64_t B, T, hq, hkv, tq, tk, d, dv;
+    float scale;
+    Op<const float> q, k, v, mask;  // mask: additive logits (already scaled), or null; rows never indexed
+    Op<float> o, lse;               // lse: a 1-column operand (one float per query row)
+    const uint8_t* q_valid;         // (T, tq): slots whose output is written, or null (all)
+    const uint8_t* kpm;             // (B, key positions): 0 = padding key, or null; kpm_sb its batch stride
+    int64_t kpm_sb;
+    // backward
+    Op<const float> out, dout, dlse;  // dlse may be null
+    Op<float> dq, dk, dvv;            // dk, dvv (d v) are accumulated (+=): callers zero them
+    float* dmask;                     // contiguous (B, T, hq, tq, tk), or null
+};
 
-// logits of one (tile, head): S[tq x tkp] = q k^T (kt: k^T, d x tkp). With a mask the scale and the mask are
-// applied here (S = scale q k^T + mask); without one the caller folds the scale into the exponent. Padding keys -inf.
-void logits(const Problem& P, int64_t t, int64_t h, const float* kt, int64_t tkp, float* S) {
-    const float* q = at(P.q, P.sq, t, h);
-    gemm(P.tq, tkp, P.d, q, P.sq.row, kt, tkp, S, tkp, false);
-    const float* m = P.mask ? at(P.mask, P.sm, t, h) : nullptr;
+// Per-thread scratch, sized once per call.
+struct Work {
+    std::vector<float> kt, vt, S, dS, Tb, qb, kb, vb, dob, acc, dqa, dka, dva, inv, delta;
+    std::vector<const float*> qr, kr, vr, dor;
+    Work(const Problem& P, bool backward) {
+        const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
+        kt.resize(P.d * tkp); S.resize(P.tq * tkp); qb.resize(P.tq * dp); vb.resize(P.tk * dvp);
+        inv.resize(P.tq); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
+        if (backward) {
+            vt.resize(P.dv * tkp); dS.resize(P.tq * tkp); Tb.resize(tkp * tqp); kb.resize(P.tk * dp);
+            dob.resize(P.tq * dvp); dqa.resize(P.tq * dp); dka.resize(P.tk * dp); dva.resize(P.tk * dvp);
+            delta.resize(P.tq); dor.resize(P.tq);
+        } else {
+            acc.resize(P.tq * dvp);
+        }
+    }
+};
+
+// logits of one (b, t, h): S[tq x tkp] = q k^T from the padded q rows and kt = k^T (d x tkp). With a mask the scale
+// and the mask are applied here (S = scale q k^T + mask); without one the caller folds the scale into the exponent.
+// Padding keys (of the kpm, and the vector padding past tk) are -inf.
+void logits(const Problem& P, int64_t b, int64_t t, int64_t h, Work& w) {
+    const int64_t tkp = round_up(P.tk), dp = round_up(P.d);
+    float* S = w.S.data();
+    gemm(P.tq, tkp, P.d, w.qb.data(), dp, w.kt.data(), tkp, S, tkp, false);
     for (int64_t i = 0; i < P.tq; ++i) {
         float* s = S + i * tkp;
-        if (m) {
-            const float* mi = m + i * P.sm.row;
+        if (P.mask.p) {
+            const float* mi = P.mask.row(b, t, h, i, P.tq);
             for (int64_t j = 0; j < P.tk; ++j) s[j] = s[j] * P.scale + mi[j];
         }
         for (int64_t j = P.tk; j < tkp; ++j) s[j] = -INFINITY;
     }
+    if (P.kpm) {
+        const uint8_t* kp = P.kpm + b * P.kpm_sb;
+        for (int64_t j = 0; j < P.tk; ++j) {
+            if (kp[P.k.idx ? P.k.idx[t * P.tk + j] : j]) continue;
+            for (int64_t i = 0; i < P.tq; ++i) S[i * tkp + j] = -INFINITY;
+        }
+    }
 }
 
 // The scale still to apply to S: 1 when logits() applied it with the mask.
-inline float pending_scale(const Problem& P) { return P.mask ? 1.0f : P.scale; }
+inline float pending_scale(const Problem& P) { return P.mask.p ? 1.0f : P.scale; }
 
-// Prefetch the rows of a (tile, head) operand that the next work item reads.
-inline void prefetch_rows(const float* p, int64_t stride, int64_t rows, int64_t cols) {
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; c += 64 / sizeof(float)) __builtin_prefetch(p + r * stride + c);
+// Row pointers of (b, t, h) for an operand, and the padded copy of q.
+template <class T>
+void rows_of(const Op<T>& op, int64_t b, int64_t t, int64_t h, int64_t n, const float** out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = op.row(b, t, h, i, n);
 }
 
+inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
+    for (int64_t r = 0; r < n; ++r)
+        for (int64_t c = 0; c < cols; c += 64 / sizeof(float)) __builtin_prefetch(rows[r] + c);
+}
+
+inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }
+
+// Work item w = ((b * T) + t) * hq + h: one query head of one tile. Output rows are distinct across items.
 void forward_range(const Problem& P, int64_t begin, int64_t end) {
-    const int64_t tkp = round_up(P.tk), dvp = round_up(P.dv);
-    std::vector<float> kt(P.d * tkp), S(P.tq * tkp), acc(P.tq * dvp), vbuf(P.dv % VL ? P.tk * dvp : 0);
-    std::vector<float> inv(P.tq);
+    Work w(P, false);
+    const int64_t tkp = round_up(P.tk), dp = round_up(P.d), dvp = round_up(P.dv);
     const int64_t group = P.hq / P.hkv;
     const float sc = pending_scale(P);
-    for (int64_t w = begin; w < end; ++w) {
-        const int64_t t = w / P.hq, h = w % P.hq, hk = h / group;
-        if (w + 1 < end) {  // the next item's rows stream in while this one computes
-            const int64_t t1 = (w + 1) / P.hq, h1 = (w + 1) % P.hq;
-            prefetch_rows(at(P.q, P.sq, t1, h1), P.sq.row, P.tq, P.d);
-            prefetch_rows(at(P.k, P.sk, t1, h1 / group), P.sk.row, P.tk, P.d);
-            prefetch_rows(at(P.v, P.sv, t1, h1 / group), P.sv.row, P.tk, P.dv);
+    std::vector<const float*> next(P.tk);
+    for (int64_t it = begin; it < end; ++it) {
+        const int64_t h = it % P.hq, t = it / P.hq % P.T, b = it / P.hq / P.T, hk = h / group;
+        rows_of(P.q, b, t, h, P.tq, w.qr.data());
+        rows_of(P.k, b, t, hk, P.tk, w.kr.data());
+        rows_of(P.v, b, t, hk, P.tk, w.vr.data());
+        if (it + 1 < end) {  // the next item's keys and values stream in while this one computes
+            const int64_t h1 = (it + 1) % P.hq, t1 = (it + 1) / P.hq % P.T, b1 = (it + 1) / P.hq / P.T;
+            rows_of(P.k, b1, t1, h1 / group, P.tk, next.data());
+            prefetch(next.data(), P.tk, P.d);
+            rows_of(P.v, b1, t1, h1 / group, P.tk, next.data());
+            prefetch(next.data(), P.tk, P.dv);
         }
-        transpose(at(P.k, P.sk, t, hk), P.sk.row, P.tk, P.d, kt.data(), tkp);
-        logits(P, t, h, kt.data(), tkp, S.data());
-        float* lse = P.lse + (t * P.hq + h) * P.tq;
+        copy_rows(w.qr.data(), P.tq, P.d, w.qb.data(), dp);
+        transpose(w.kr.data(), P.tk, P.d, w.kt.data(), tkp);
+        logits(P, b, t, h, w);
         for (int64_t i = 0; i < P.tq; ++i) {  // softmax in place (unnormalised), 1 / sum kept for the output
-            float* s = S.data() + i * tkp;
+            float* s = w.S.data() + i * tkp;
+            float* lse = P.lse.row(b, t, h, i, P.tq);
             vf mv = splat(-INFINITY);
             for (int64_t j = 0; j < tkp; j += VL) mv = vmax(mv, load(s + j));
             const float m = hmax(mv) * sc;
             if (m == -INFINITY) {  // the query sees no key: output 0, lse -inf
                 std::memset(s, 0, tkp * sizeof(float));
-                inv[i] = 0.0f;
-                lse[i] = -INFINITY;
+                w.inv[i] = 0.0f;
+                if (valid(P, t, i)) *lse = -INFINITY;
                 continue;
             }
             vf sum = splat(0.0f);
@@ -250,88 +288,93 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
                 sum += e;
             }
             const float l = hsum(sum);
-            inv[i] = 1.0f / l;
-            lse[i] = m + std::log(l);
+            w.inv[i] = 1.0f / l;
+            if (valid(P, t, i)) *lse = m + std::log(l);
         }
-        const float* v = at(P.v, P.sv, t, hk);
-        const int64_t ldv = padded_rows(&v, P.sv.row, P.tk, P.dv, vbuf.data());
-        gemm(P.tq, dvp, P.tk, S.data(), tkp, v, ldv, acc.data(), dvp, false);
-        float* o = at(P.o, P.so, t, h);
+        copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);
+        gemm(P.tq, dvp, P.tk, w.S.data(), tkp, w.vb.data(), dvp, w.acc.data(), dvp, false);
         for (int64_t i = 0; i < P.tq; ++i) {
-            const float* a = acc.data() + i * dvp;
-            float* oi = o + i * P.so.row;
+            if (!valid(P, t, i)) continue;
+            const float* a = w.acc.data() + i * dvp;
+            float* oi = P.o.row(b, t, h, i, P.tq);
+            const vf iv = splat(w.inv[i]);
             int64_t c = 0;
-            for (; c + VL <= P.dv; c += VL) store(oi + c, load(a + c) * inv[i]);
-            for (; c < P.dv; ++c) oi[c] = a[c] * inv[i];
+            for (; c + VL <= P.dv; c += VL) store(oi + c, load(a + c) * iv);
+            for (; c < P.dv; ++c) oi[c] = a[c] * w.inv[i];
         }
     }
 }
 
-// One work item = (tile, kv head): the query heads of its group add into the same dk, dv.
+// Work item w = b * hkv + hk, over all tiles: the query heads of the group and every tile that shares a key add
+// into the same dk, dv rows, so one thread owns each (batch, kv head) and the += are race-free.
 void backward_range(const Problem& P, int64_t begin, int64_t end) {
+    Work w(P, true);
     const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
-    std::vector<float> kt(P.d * tkp), vt(P.dv * tkp), S(P.tq * tkp), dS(P.tq * tkp), T(tkp * tqp);
-    std::vector<float> dq(P.tq * dp), dk(P.tk * dp), dv(P.tk * dvp), delta(P.tq);
-    std::vector<float> kbuf(P.d % VL ? P.tk * dp : 0), qbuf(P.d % VL ? P.tq * dp : 0);
-    std::vector<float> dobuf(P.dv % VL ? P.tq * dvp : 0);
     const int64_t group = P.hq / P.hkv;
     const float sc = pending_scale(P);
-    for (int64_t w = begin; w < end; ++w) {
-        const int64_t t = w / P.hkv, hk = w % P.hkv;
-        const float* k = at(P.k, P.sk, t, hk);
-        transpose(k, P.sk.row, P.tk, P.d, kt.data(), tkp);
-        transpose(at(P.v, P.sv, t, hk), P.sv.row, P.tk, P.dv, vt.data(), tkp);
-        const int64_t ldk = padded_rows(&k, P.sk.row, P.tk, P.d, kbuf.data());
-        std::fill(dk.begin(), dk.end(), 0.0f);
-        std::fill(dv.begin(), dv.end(), 0.0f);
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-            logits(P, t, h, kt.data(), tkp, S.data());
-            const float* lse = P.lse + (t * P.hq + h) * P.tq;
-            const float* o = at(P.out, P.sout, t, h);
-            const float* dout = at(P.dout, P.sdo, t, h);
-            for (int64_t i = 0; i < P.tq; ++i) {  // p = exp(s - lse); delta = rowsum(dO * O)
-                float* s = S.data() + i * tkp;
-                if (lse[i] == -INFINITY) {
-                    std::memset(s, 0, tkp * sizeof(float));
-                } else {
-                    const vf l = splat(lse[i]);
-                    for (int64_t j = 0; j < tkp; j += VL) store(s + j, vexp(load(s + j) * sc - l));
+    for (int64_t it = begin; it < end; ++it) {
+        const int64_t b = it / P.hkv, hk = it % P.hkv;
+        for (int64_t t = 0; t < P.T; ++t) {
+            rows_of(P.k, b, t, hk, P.tk, w.kr.data());
+            rows_of(P.v, b, t, hk, P.tk, w.vr.data());
+            transpose(w.kr.data(), P.tk, P.d, w.kt.data(), tkp);
+            transpose(w.vr.data(), P.tk, P.dv, w.vt.data(), tkp);
+            copy_rows(w.kr.data(), P.tk, P.d, w.kb.data(), dp);
+            std::fill(w.dka.begin(), w.dka.end(), 0.0f);
+            std::fill(w.dva.begin(), w.dva.end(), 0.0f);
+            for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+                rows_of(P.q, b, t, h, P.tq, w.qr.data());
+                copy_rows(w.qr.data(), P.tq, P.d, w.qb.data(), dp);
+                logits(P, b, t, h, w);
+                rows_of(P.dout, b, t, h, P.tq, w.dor.data());
+                for (int64_t i = 0; i < P.tq; ++i) {  // p = exp(s - lse); delta = rowsum(dO * O) - dlse
+                    float* s = w.S.data() + i * tkp;
+                    const float lse = *P.lse.row(b, t, h, i, P.tq);
+                    if (lse == -INFINITY || !valid(P, t, i)) {  // padding slots (copies of a real query) add nothing
+                        std::memset(s, 0, tkp * sizeof(float));
+                    } else {
+                        const vf l = splat(lse);
+                        for (int64_t j = 0; j < tkp; j += VL) store(s + j, vexp(load(s + j) * sc - l));
+                    }
+                    const float* o = P.out.row(b, t, h, i, P.tq);
+                    float dd = 0.0f;
+                    for (int64_t c = 0; c < P.dv; ++c) dd += w.dor[i][c] * o[c];
+                    w.delta[i] = P.dlse.p ? dd - *P.dlse.row(b, t, h, i, P.tq) : dd;  // d lse / d s = p
                 }
-                float dd = 0.0f;
-                for (int64_t c = 0; c < P.dv; ++c) dd += dout[i * P.sdo.row + c] * o[i * P.sout.row + c];
-                delta[i] = P.dlse ? dd - P.dlse[(t * P.hq + h) * P.tq + i] : dd;  // d lse / d s = p
+                copy_rows(w.dor.data(), P.tq, P.dv, w.dob.data(), dvp);
+                gemm(P.tq, tkp, P.dv, w.dob.data(), dvp, w.vt.data(), tkp, w.dS.data(), tkp, false);  // dP = dO v^T
+                for (int64_t i = 0; i < P.tq; ++i) {  // dS = P (dP - delta)
+                    float* ds = w.dS.data() + i * tkp;
+                    const float* p = w.S.data() + i * tkp;
+                    const vf di = splat(w.delta[i]);
+                    for (int64_t j = 0; j < tkp; j += VL) store(ds + j, load(p + j) * (load(ds + j) - di));
+                }
+                if (P.dmask) {
+                    float* dm = P.dmask + (((b * P.T + t) * P.hq + h) * P.tq) * P.tk;
+                    for (int64_t i = 0; i < P.tq; ++i) std::memcpy(dm + i * P.tk, w.dS.data() + i * tkp, P.tk * 4);
+                }
+                gemm(P.tq, dp, P.tk, w.dS.data(), tkp, w.kb.data(), dp, w.dqa.data(), dp, false);  // dq = scale dS k
+                for (int64_t i = 0; i < P.tq; ++i) {
+                    if (!valid(P, t, i)) continue;
+                    float* dq = P.dq.row(b, t, h, i, P.tq);
+                    for (int64_t c = 0; c < P.d; ++c) dq[c] = w.dqa[i * dp + c] * P.scale;
+                }
+                {  // dv += P^T dO, dk += dS^T q (scaled when written)
+                    std::vector<const float*>& rp = w.qr;  // reuse as row pointers into S / dS
+                    for (int64_t i = 0; i < P.tq; ++i) rp[i] = w.S.data() + i * tkp;
+                    transpose(rp.data(), P.tq, P.tk, w.Tb.data(), tqp);
+                    gemm(P.tk, dvp, P.tq, w.Tb.data(), tqp, w.dob.data(), dvp, w.dva.data(), dvp, true);
+                    for (int64_t i = 0; i < P.tq; ++i) rp[i] = w.dS.data() + i * tkp;
+                    transpose(rp.data(), P.tq, P.tk, w.Tb.data(), tqp);
+                    gemm(P.tk, dp, P.tq, w.Tb.data(), tqp, w.qb.data(), dp, w.dka.data(), dp, true);
+                }
             }
-            gemm(P.tq, tkp, P.dv, dout, P.sdo.row, vt.data(), tkp, dS.data(), tkp, false);  // dP = dO v^T
-            for (int64_t i = 0; i < P.tq; ++i) {  // dS = P (dP - delta)
-                float* ds = dS.data() + i * tkp;
-                const float* p = S.data() + i * tkp;
-                const vf di = splat(delta[i]);
-                for (int64_t j = 0; j < tkp; j += VL) store(ds + j, load(p + j) * (load(ds + j) - di));
+            for (int64_t j = 0; j < P.tk; ++j) {  // into the (possibly shared) key rows
+                float* dk = P.dk.row(b, t, hk, j, P.tk);
+                float* dv = P.dvv.row(b, t, hk, j, P.tk);
+                for (int64_t c = 0; c < P.d; ++c) dk[c] += w.dka[j * dp + c] * P.scale;
+                for (int64_t c = 0; c < P.dv; ++c) dv[c] += w.dva[j * dvp + c];
             }
-            if (P.dmask) {
-                float* dm = P.dmask + ((t * P.hq + h) * P.tq) * P.tk;
-                for (int64_t i = 0; i < P.tq; ++i) std::memcpy(dm + i * P.tk, dS.data() + i * tkp, P.tk * 4);
-            }
-            // dq = scale dS k
-            gemm(P.tq, dp, P.tk, dS.data(), tkp, k, ldk, dq.data(), dp, false);
-            float* dqo = at(P.dq, P.sdq, t, h);
-            for (int64_t i = 0; i < P.tq; ++i)
-                for (int64_t c = 0; c < P.d; ++c) dqo[i * P.sdq.row + c] = dq[i * dp + c] * P.scale;
-            // dv += P^T dO, dk += dS^T q (scaled when written)
-            const float* dop = dout;
-            const int64_t lddo = padded_rows(&dop, P.sdo.row, P.tq, P.dv, dobuf.data());
-            transpose(S.data(), tkp, P.tq, P.tk, T.data(), tqp);
-            gemm(P.tk, dvp, P.tq, T.data(), tqp, dop, lddo, dv.data(), dvp, true);
-            const float* q = at(P.q, P.sq, t, h);
-            const int64_t ldq = padded_rows(&q, P.sq.row, P.tq, P.d, qbuf.data());
-            transpose(dS.data(), tkp, P.tq, P.tk, T.data(), tqp);
-            gemm(P.tk, dp, P.tq, T.data(), tqp, q, ldq, dk.data(), dp, true);
-        }
-        float* dko = at(P.dk, P.sdk, t, hk);
-        float* dvo = at(P.dv_, P.sdv, t, hk);
-        for (int64_t j = 0; j < P.tk; ++j) {
-            for (int64_t c = 0; c < P.d; ++c) dko[j * P.sdk.row + c] = dk[j * dp + c] * P.scale;
-            for (int64_t c = 0; c < P.dv; ++c) dvo[j * P.sdv.row + c] = dv[j * dvp + c];
         }
     }
 }
@@ -348,36 +391,66 @@ void parallel(int64_t items, int threads, F fn) {
     for (auto& th : pool) th.join();
 }
 
+// Operand descriptors from the integer array: per operand [sb, st, sh, sr] and its pointer from ptrs.
+template <class T>
+Op<T> op(void* const* ptrs, const int64_t* st, int i, const int64_t* idx) {
+    Op<T> o;
+    o.p = static_cast<T*>(ptrs[i]);
+    o.sb = st[4 * i]; o.st = st[4 * i + 1]; o.sh = st[4 * i + 2]; o.sr = st[4 * i + 3];
+    o.idx = idx;
+    return o;
+}
+
+Problem problem(const int64_t* sizes, float scale) {
+    Problem P{};
+    P.B = sizes[0]; P.T = sizes[1]; P.hq = sizes[2]; P.hkv = sizes[3]; P.tq = sizes[4]; P.tk = sizes[5];
+    P.d = sizes[6]; P.dv = sizes[7]; P.kpm_sb = sizes[8];
+    P.scale = scale;
+    return P;
+}
+
 }  // namespace
 
 extern "C" {
 
-// Layout of the integer arguments: sizes [tiles, hq, hkv, tq, tk, d, dv], then (tile, head, row) strides in
-// elements for q, k, v, mask, o. Returns 0.
-int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, float scale, const float* q, const float* k,
-                         const float* v, const float* mask, float* o, float* lse, int threads) {
-    Problem P{};
-    P.tiles = sizes[0]; P.hq = sizes[1]; P.hkv = sizes[2]; P.tq = sizes[3]; P.tk = sizes[4]; P.d = sizes[5];
-    P.dv = sizes[6];
-    P.scale = scale; P.q = q; P.k = k; P.v = v; P.mask = mask; P.o = o; P.lse = lse;
-    Strides* s[] = {&P.sq, &P.sk, &P.sv, &P.sm, &P.so};
-    for (int i = 0; i < 5; ++i) *s[i] = Strides{strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
-    parallel(P.tiles * P.hq, threads, [&](int64_t a, int64_t b) { forward_range(P, a, b); });
+// sizes: [B, T, hq, hkv, tq, tk, d, dv, kpm batch stride]. ptrs and strides (4 per operand: batch, tile, head, row),
+// in this order: q, k, v, mask, o, lse. q_index (T, tq) and k_index (T, tk) may be null (rows are then the tile's
+// own rows i); q_index also addresses o and lse. q_valid (T, tq) and kpm may be null.
+int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
+                         const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
+                         int threads) {
+    Problem P = problem(sizes, scale);
+    P.q = op<const float>(ptrs, strides, 0, q_index);
+    P.k = op<const float>(ptrs, strides, 1, k_index);
+    P.v = op<const float>(ptrs, strides, 2, k_index);
+    P.mask = op<const float>(ptrs, strides, 3, nullptr);
+    P.o = op<float>(ptrs, strides, 4, q_index);
+    P.lse = op<float>(ptrs, strides, 5, q_index);
+    P.q_valid = q_valid; P.kpm = kpm;
+    parallel(P.B * P.T * P.hq, threads, [&](int64_t a, int64_t b) { forward_range(P, a, b); });
     return 0;
 }
 
-// Strides as above for q, k, v, mask, out, dout, dq, dk, dv. dmask (optional): contiguous (tiles, hq, tq, tk).
-int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, float scale, const float* q, const float* k,
-                          const float* v, const float* mask, const float* out, const float* lse, const float* dout,
-                          const float* dlse, float* dq, float* dk, float* dv, float* dmask, int threads) {
-    Problem P{};
-    P.tiles = sizes[0]; P.hq = sizes[1]; P.hkv = sizes[2]; P.tq = sizes[3]; P.tk = sizes[4]; P.d = sizes[5];
-    P.dv = sizes[6];
-    P.scale = scale; P.q = q; P.k = k; P.v = v; P.mask = mask; P.out = out; P.lse = const_cast<float*>(lse);
-    P.dout = dout; P.dlse = dlse; P.dq = dq; P.dk = dk; P.dv_ = dv; P.dmask = dmask;
-    Strides* s[] = {&P.sq, &P.sk, &P.sv, &P.sm, &P.sout, &P.sdo, &P.sdq, &P.sdk, &P.sdv};
-    for (int i = 0; i < 9; ++i) *s[i] = Strides{strides[3 * i], strides[3 * i + 1], strides[3 * i + 2]};
-    parallel(P.tiles * P.hkv, threads, [&](int64_t a, int64_t b) { backward_range(P, a, b); });
+// As the forward, with operands q, k, v, mask, out, lse, dout, dlse, dq, dk, dv (dk, dv zeroed by the caller when
+// keys are shared between tiles) and dmask (optional, contiguous (B, T, hq, tq, tk); its strides are ignored).
+int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
+                          const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
+                          int threads) {
+    Problem P = problem(sizes, scale);
+    P.q = op<const float>(ptrs, strides, 0, q_index);
+    P.k = op<const float>(ptrs, strides, 1, k_index);
+    P.v = op<const float>(ptrs, strides, 2, k_index);
+    P.mask = op<const float>(ptrs, strides, 3, nullptr);
+    P.out = op<const float>(ptrs, strides, 4, q_index);
+    P.lse = op<float>(ptrs, strides, 5, q_index);
+    P.dout = op<const float>(ptrs, strides, 6, q_index);
+    P.dlse = op<const float>(ptrs, strides, 7, q_index);
+    P.dq = op<float>(ptrs, strides, 8, q_index);
+    P.dk = op<float>(ptrs, strides, 9, k_index);
+    P.dvv = op<float>(ptrs, strides, 10, k_index);
+    P.dmask = static_cast<float*>(ptrs[11]);
+    P.q_valid = q_valid; P.kpm = kpm;
+    parallel(P.B * P.hkv, threads, [&](int64_t a, int64_t b) { backward_range(P, a, b); });
     return 0;
 }
 
