@@ -106,8 +106,8 @@ def test_supports_only_float32_cpu_tiles_up_to_the_limit():
     q, k, v = tiles(1, 2, 2, 8, 8, 8, 8)
     assert not native.supports(q.double(), k.double(), v.double(), None)
     assert not native.supports(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
-    big = tiles(1, 1, 1, native.MAX_TILE + 1, 8, 8, 8)
-    assert not native.supports(*big, None)
+    assert not native.supports(*tiles(1, 1, 1, native.MAX_TILE[0] + 1, 8, 8, 8), None)
+    assert not native.supports(*tiles(1, 1, 1, 8, native.MAX_TILE[1] + 1, 8, 8), None)
     with native.disabled():
         assert not native.supports(q, k, v, None)
     assert native.supports(q, k, v, None) == native.available()

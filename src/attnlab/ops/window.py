@@ -6,8 +6,9 @@ How it works. Every local pattern is described per axis by a :class:`TilePlan`: 
 of its queries may see, and a boolean ``keep (T, tq, tk)`` says which of those keys each query actually sees. A 2-D
 pattern is the outer product of two 1-D plans (:func:`combine_plans`). :func:`tiled_attention` then gathers query tiles
 and key regions, folds the tiles into the batch dimension and attends within them exactly -- with the fused CPU
-kernel of :mod:`attnlab.ops.native` for float32 tiles of up to 512 queries and keys (about twice SDPA's speed on
-64-token tiles), else with :func:`attnlab.ops.attention` (torch SDPA) -- cost ``O(N * tk * d)``, memory ``O(N * tk)``; tiles are
+kernel of :mod:`attnlab.ops.native` for float32 tiles of up to 512 queries and 2048 keys (about twice SDPA's speed
+on 64-token tiles; it reads each tile's rows in place and writes outputs to their positions, so nothing is
+gathered), else with :func:`attnlab.ops.attention` (torch SDPA) -- cost ``O(N * tk * d)``, memory ``O(N * tk)``; tiles are
 processed in bounded groups (fully visible tiles without a mask), gathered into buffers reused between no-grad calls
 (see ``_WORKSPACE``; :func:`release_workspace` frees them). Window
 mechanisms whose key regions are their query tiles can instead gather the *input* once (:func:`gather_rows`), project
@@ -633,7 +634,7 @@ def _attend(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int, tiles: s
 
 def _attention_tiles(qt: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, scale, return_lse: bool):
     """One attention call over tiles ``(B*T, H, t, D)``: the fused CPU kernel of :mod:`attnlab.ops.native` where it
-    takes them (float32, tiles of at most ``native.MAX_TILE``), SDPA (or the chunked op for the lse) otherwise."""
+    takes them (float32, tiles within ``native.MAX_TILE``), SDPA (or the chunked op for the lse) otherwise."""
     if native.supports(qt, kt, vt, mask):
         return native.tile_attention(qt, kt, vt, mask, scale, return_lse)
     return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)

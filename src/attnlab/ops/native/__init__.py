@@ -38,7 +38,9 @@ __all__ = ["available", "status", "supports", "tile_attention", "indexed_attenti
 
 _SOURCE = Path(__file__).with_name("tile_attention.cpp")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-MAX_TILE = 512  # queries or keys per tile above which SDPA's blocked kernel is as fast (and its memory smaller)
+# Tile sizes above which SDPA's blocked kernel is as fast (and its memory smaller): queries, keys. A tile's logits
+# (MAX_TILE[0] x MAX_TILE[1] floats at most, 4 MB) live in a per-thread workspace.
+MAX_TILE = (512, 2048)
 
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -126,8 +128,8 @@ def disabled():
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, tiles: tuple[int, int] | None = None) -> bool:
-    """Whether :func:`tile_attention` takes these tiles: float32 on the CPU, last dimensions contiguous, tiles of at
-    most ``MAX_TILE`` queries and keys, a 4-D additive float32 or boolean (True = keep) mask or none, and the kernel
+    """Whether :func:`tile_attention` takes these tiles: float32 on the CPU, tiles of at most ``MAX_TILE`` queries
+    and keys, a 4-D additive float32 or boolean (True = keep) mask or none, and the kernel
     available. ``tiles``: the (tq, tk) of :func:`indexed_attention` (default: the operands' own rows)."""
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4 for t in (q, k, v)):
         return False
@@ -135,7 +137,7 @@ def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, tiles: tuple[
                              or mask.dim() != 4):
         return False
     tq, tk = tiles or (q.shape[2], k.shape[2])
-    if max(tq, tk) > MAX_TILE or tq == 0 or tk == 0 or getattr(_OFF, "on", False):
+    if tq > MAX_TILE[0] or tk > MAX_TILE[1] or tq == 0 or tk == 0 or getattr(_OFF, "on", False):
         return False
     return available()
 

@@ -63,54 +63,73 @@ inline float hmax(vf v) { HALVE(v, vmax); return v[0]; }
 inline float hsum(vf v) { HALVE(v, vadd); return v[0]; }
 #undef HALVE
 
-// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of VL. A is read one scalar at a time (any row stride), B and C by
-// rows of vectors. The micro-kernel keeps an MR x NV block of C in registers across the whole K loop.
-template <int MR, int NV>
-inline void micro(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
-                  bool accumulate) {
+// Matrix operands by rows: a dense buffer with a row stride, or an array of row pointers (rows read in place
+// from wherever the tile's tokens are).
+struct Strided {
+    const float* p;
+    int64_t ld;
+    const float* row(int64_t r) const { return p + r * ld; }
+};
+struct Rows {
+    const float* const* p;
+    const float* row(int64_t r) const { return p[r]; }
+};
+
+// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of VL (B's rows hold whole vectors). A is read one scalar at a time,
+// B and C by rows of vectors. The micro-kernel keeps an MR x NV block of C in registers across the whole K loop.
+template <int MR, int NV, class AT, class BT>
+inline void micro(int64_t K, const AT& A, int64_t i, const BT& B, int64_t j, float* C, int64_t ldc, bool accumulate) {
     vf c[MR][NV];
+    const float* a[MR];
+    for (int r = 0; r < MR; ++r) a[r] = A.row(i + r);
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? load(C + r * ldc + v * VL) : splat(0.0f);
     for (int64_t k = 0; k < K; ++k) {
         vf b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * VL);
+        const float* bk = B.row(k) + j;
+        for (int v = 0; v < NV; ++v) b[v] = load(bk + v * VL);
         for (int r = 0; r < MR; ++r) {
-            vf a = splat(A[r * lda + k]);
-            for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
+            vf x = splat(a[r][k]);
+            for (int v = 0; v < NV; ++v) c[r][v] += x * b[v];
         }
     }
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) store(C + r * ldc + v * VL, c[r][v]);
 }
 
-template <int NV>
-inline void rows_block(int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                       int64_t ldc, bool acc) {
+template <int NV, class AT, class BT>
+inline void rows_block(int64_t M, int64_t K, const AT& A, const BT& B, int64_t j, float* C, int64_t ldc, bool acc) {
     constexpr int MR = NV <= 2 ? 8 : 6;  // MR * NV accumulators + NV + 1 vectors fit 32 AVX-512 registers
     int64_t i = 0;
-    for (; i + MR <= M; i += MR) micro<MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc);
+    for (; i + MR <= M; i += MR) micro<MR, NV>(K, A, i, B, j, C + i * ldc, ldc, acc);
     switch (M - i) {  // the last rows
-        case 7: micro<7, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-        case 6: micro<6, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-        case 5: micro<5, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-        case 4: micro<4, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-        case 3: micro<3, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-        case 2: micro<2, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
-        case 1: micro<1, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, acc); break;
+        case 7: micro<7, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
+        case 6: micro<6, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
+        case 5: micro<5, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
+        case 4: micro<4, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
+        case 3: micro<3, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
+        case 2: micro<2, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
+        case 1: micro<1, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
         default: break;
     }
 }
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-          int64_t ldc, bool acc) {
+template <class AT, class BT>
+void gemm(int64_t M, int64_t N, int64_t K, const AT& A, const BT& B, float* C, int64_t ldc, bool acc) {
     int64_t j = 0;
-    for (; j + 4 * VL <= N; j += 4 * VL) rows_block<4>(M, K, A, lda, B + j, ldb, C + j, ldc, acc);
+    for (; j + 4 * VL <= N; j += 4 * VL) rows_block<4>(M, K, A, B, j, C + j, ldc, acc);
     switch ((N - j) / VL) {
-        case 3: rows_block<3>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
-        case 2: rows_block<2>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
-        case 1: rows_block<1>(M, K, A, lda, B + j, ldb, C + j, ldc, acc); break;
+        case 3: rows_block<3>(M, K, A, B, j, C + j, ldc, acc); break;
+        case 2: rows_block<2>(M, K, A, B, j, C + j, ldc, acc); break;
+        case 1: rows_block<1>(M, K, A, B, j, C + j, ldc, acc); break;
         default: break;
     }
+}
+
+// Dense buffers as operands.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+          int64_t ldc, bool acc) {
+    gemm(M, N, K, Strided{A, lda}, Strided{B, ldb}, C, ldc, acc);
 }
 
 // 16 x 16 transpose in registers: level b swaps bit b of the row and the column index (rows i and i + b exchange
@@ -206,13 +225,14 @@ struct Work {
     }
 };
 
-// logits of one (b, t, h): S[tq x tkp] = q k^T from the padded q rows and kt = k^T (d x tkp). With a mask the scale
+// logits of one (b, t, h): S[tq x tkp] = q k^T from the q rows and kt = k^T (d x tkp). With a mask the scale
 // and the mask are applied here (S = scale q k^T + mask); without one the caller folds the scale into the exponent.
 // Padding keys (of the kpm, and the vector padding past tk) are -inf.
-void logits(const Problem& P, int64_t b, int64_t t, int64_t h, Work& w) {
-    const int64_t tkp = round_up(P.tk), dp = round_up(P.d);
+template <class AT>
+void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, Work& w) {
+    const int64_t tkp = round_up(P.tk);
     float* S = w.S.data();
-    gemm(P.tq, tkp, P.d, w.qb.data(), dp, w.kt.data(), tkp, S, tkp, false);
+    gemm(P.tq, tkp, P.d, q, Strided{w.kt.data(), tkp}, S, tkp, false);
     for (int64_t i = 0; i < P.tq; ++i) {
         float* s = S + i * tkp;
         if (P.mask.p) {
@@ -249,25 +269,26 @@ inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid ||
 // Work item w = ((b * T) + t) * hq + h: one query head of one tile. Output rows are distinct across items.
 void forward_range(const Problem& P, int64_t begin, int64_t end) {
     Work w(P, false);
-    const int64_t tkp = round_up(P.tk), dp = round_up(P.d), dvp = round_up(P.dv);
+    const int64_t tkp = round_up(P.tk), dvp = round_up(P.dv);
     const int64_t group = P.hq / P.hkv;
     const float sc = pending_scale(P);
-    std::vector<const float*> next(P.tk);
+    std::vector<const float*> next(std::max(P.tq, P.tk));
     for (int64_t it = begin; it < end; ++it) {
         const int64_t h = it % P.hq, t = it / P.hq % P.T, b = it / P.hq / P.T, hk = h / group;
         rows_of(P.q, b, t, h, P.tq, w.qr.data());
         rows_of(P.k, b, t, hk, P.tk, w.kr.data());
         rows_of(P.v, b, t, hk, P.tk, w.vr.data());
-        if (it + 1 < end) {  // the next item's keys and values stream in while this one computes
+        if (it + 1 < end) {  // the next item's rows stream in while this one computes
             const int64_t h1 = (it + 1) % P.hq, t1 = (it + 1) / P.hq % P.T, b1 = (it + 1) / P.hq / P.T;
+            rows_of(P.q, b1, t1, h1, P.tq, next.data());
+            prefetch(next.data(), P.tq, P.d);
             rows_of(P.k, b1, t1, h1 / group, P.tk, next.data());
             prefetch(next.data(), P.tk, P.d);
             rows_of(P.v, b1, t1, h1 / group, P.tk, next.data());
             prefetch(next.data(), P.tk, P.dv);
         }
-        copy_rows(w.qr.data(), P.tq, P.d, w.qb.data(), dp);
         transpose(w.kr.data(), P.tk, P.d, w.kt.data(), tkp);
-        logits(P, b, t, h, w);
+        logits(P, b, t, h, Rows{w.qr.data()}, w);
         for (int64_t i = 0; i < P.tq; ++i) {  // softmax in place (unnormalised), 1 / sum kept for the output
             float* s = w.S.data() + i * tkp;
             float* lse = P.lse.row(b, t, h, i, P.tq);
@@ -291,8 +312,13 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
             w.inv[i] = 1.0f / l;
             if (valid(P, t, i)) *lse = m + std::log(l);
         }
-        copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);
-        gemm(P.tq, dvp, P.tk, w.S.data(), tkp, w.vb.data(), dvp, w.acc.data(), dvp, false);
+        const Strided p{w.S.data(), tkp};
+        if (P.dv % VL == 0) {  // value rows read in place
+            gemm(P.tq, dvp, P.tk, p, Rows{w.vr.data()}, w.acc.data(), dvp, false);
+        } else {
+            copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);
+            gemm(P.tq, dvp, P.tk, p, Strided{w.vb.data(), dvp}, w.acc.data(), dvp, false);
+        }
         for (int64_t i = 0; i < P.tq; ++i) {
             if (!valid(P, t, i)) continue;
             const float* a = w.acc.data() + i * dvp;
@@ -325,7 +351,7 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
                 rows_of(P.q, b, t, h, P.tq, w.qr.data());
                 copy_rows(w.qr.data(), P.tq, P.d, w.qb.data(), dp);
-                logits(P, b, t, h, w);
+                logits(P, b, t, h, Strided{w.qb.data(), dp}, w);
                 rows_of(P.dout, b, t, h, P.tq, w.dor.data());
                 for (int64_t i = 0; i < P.tq; ++i) {  // p = exp(s - lse); delta = rowsum(dO * O) - dlse
                     float* s = w.S.data() + i * tkp;
