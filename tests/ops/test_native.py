@@ -124,6 +124,7 @@ def plans():
         "neighborhood 2-D": (W.combine_plans([na, na]), 121),
         "shifted blocks 2-D": (W.combine_plans([W.block_plan(10, 4, 2), W.block_plan(10, 4, 2)]), 100),
         "halo blocks 2-D": (W.combine_plans([W.block_plan(12, 4, 0, 2)] * 2), 144),
+        "dense in query tiles": (W.dense_plan(50, 50, 16), 50),
     }
 
 
@@ -188,3 +189,67 @@ def test_a_compile_error_is_reported_not_raised(fresh_state, monkeypatch, tmp_pa
     assert not native.available()
     assert "failed" in native.status()
     assert not list((tmp_path / "kernels").glob("*.so"))  # no partial library left behind
+
+
+# ------------------------------------------------------------------------------- pooled result buffers
+
+
+def test_pool_reuses_a_buffer_only_after_its_tensor_is_gone():
+    pool = native._Pool()
+    n = pool.MIN_BYTES // 4
+    a = pool.empty(2, n)
+    b = pool.empty(2, n)
+    assert a.data_ptr() != b.data_ptr()  # both alive: distinct memory
+    ptr = a.data_ptr()
+    view = a[0]  # a view keeps the buffer alive too
+    del a
+    c = pool.empty(2, n)
+    assert c.data_ptr() != ptr
+    del view
+    assert pool.empty(2, n).data_ptr() == ptr  # a's buffer, returned once nothing referenced it
+    small = pool.empty(3)  # below MIN_BYTES: an ordinary tensor
+    assert small.numel() == 3
+
+
+def test_pool_returns_buffers_of_the_same_size():
+    pool = native._Pool()
+    n = pool.MIN_BYTES // 4
+    a = pool.empty(n)
+    ptr = a.data_ptr()
+    del a
+    assert pool.idle_bytes == n * 4
+    assert pool.empty(n).data_ptr() == ptr
+    pool.clear()
+    assert pool.idle_bytes == 0
+
+
+@needs_kernel
+def test_outputs_saved_for_backward_survive_later_calls():
+    """Two calls before one backward: the first call's saved output must not be overwritten by the second's."""
+    q, k, v = tiles(64, 4, 4, 64, 64, 16, 16)  # an output above the pool's minimum size
+    assert q.numel() * 4 >= native._Pool.MIN_BYTES
+    o1 = native.tile_attention(q, k, v)
+    g1 = torch.autograd.grad(o1.sum(), (q, k, v), retain_graph=True)
+    o2 = native.tile_attention(q * 2, k, v)  # a second output while the first is alive
+    assert o1.data_ptr() != o2.data_ptr()
+    g1_again = torch.autograd.grad(o1.sum(), (q, k, v))
+    for a, b in zip(g1, g1_again):
+        torch.testing.assert_close(a, b)
+
+
+@needs_kernel
+def test_narrow_query_key_attention_same_with_and_without_the_kernel():
+    """S2AFormer's attention: q and k narrower than v (the kernel takes them as they are; SDPA needs them padded)."""
+    from attnlab.mechanisms.local import narrow_qk_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 300, 8, generator=g).requires_grad_()
+    k = torch.randn(2, 3, 40, 8, generator=g).requires_grad_()
+    v = torch.randn(2, 3, 40, 24, generator=g).requires_grad_()
+    o = narrow_qk_attention(q, k, v)
+    with native.disabled():
+        ref = narrow_qk_attention(q, k, v)
+    torch.testing.assert_close(o, ref, **TOL)
+    w = torch.randn(o.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((o * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, **TOL)

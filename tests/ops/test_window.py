@@ -378,3 +378,12 @@ def test_tiled_attention_groups_and_reused_buffers_keep_results_apart(monkeypatc
     assert_same(lambda: W.tiled_attention(q, k, v, plan), lambda: reference_attention(q, k, v, attn_mask=mask),
                 (q, k, v))
     W.release_workspace()
+
+
+@pytest.mark.parametrize("q_len,k_len,tile", [(13, 7, 4), (8, 8, 8), (5, 11, 16)])
+def test_dense_plan_is_full_attention(q_len, k_len, tile):
+    plan = W.dense_plan(q_len, k_len, tile)
+    check_plan_structure(plan)
+    assert torch.equal(dense_from_plan(plan), torch.ones(q_len, k_len, dtype=torch.bool))
+    q, k, v = qkv(Nq=q_len, Nk=k_len)
+    assert_same(lambda: W.tiled_attention(q, k, v, plan), lambda: reference_attention(q, k, v), (q, k, v))

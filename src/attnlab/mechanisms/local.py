@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..errors import shape_error
 from ..ops import attention, native, reference_attention
 from ..ops.window import (
-    TilePlan, band_mask, band_plan, block_mask, block_plan, combine_masks, combine_plans, neighborhood_mask,
+    TilePlan, band_mask, band_plan, block_mask, block_plan, combine_masks, combine_plans, dense_plan, neighborhood_mask,
     gather_rows, neighborhood_plan, raster_causal, scatter_rows, tile_attention, tiled_attention, window_expand,
     window_mean, window_partition, window_reverse, window_valid, windowed,
 )
@@ -769,11 +769,16 @@ class StripSelfAttention(Mechanism):
 def narrow_qk_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention whose queries/keys are narrower than the values, with scale ``d_qk ** -0.5``.
 
-    SDPA's fused CPU kernel needs one head width for q, k and v; otherwise it falls back to the materialising math
-    path. Zero-padding q and k to the value width leaves every logit unchanged and keeps the fused kernel (2-3x
-    faster at 128 x 128 with r = 4 than the fallback, which also stores the N x N/r^2 logits).
+    The fused tile kernel (``ops.native``, float32 CPU) takes the narrow q / k as they are, in tiles of 256
+    queries over all keys (1.6x faster than the padded SDPA below at 128 x 128, r = 4, d_qk 16 of 64: 160 vs 262 ms).
+    Otherwise: SDPA's fused CPU kernel needs one head width for q, k and v, else it falls back to the materialising
+    math path; zero-padding q and k to the value width leaves every logit unchanged and keeps the fused kernel (2-3x
+    faster than the fallback, which also stores the N x N/r^2 logits).
     """
     dqk, dv = q.shape[-1], v.shape[-1]
+    tile = min(256, q.shape[2])
+    if q.shape[2] and k.shape[2] and native.supports(q, k, v, None, (tile, k.shape[2])):
+        return tiled_attention(q, k, v, dense_plan(q.shape[2], k.shape[2], tile), scale=dqk ** -0.5)
     if dqk >= dv:
         return attention(q, k, v, scale=dqk ** -0.5)
     pad = (0, dv - dqk)

@@ -53,7 +53,7 @@ from . import native
 from .softmax import attention, check_inputs
 
 __all__ = [
-    "TilePlan", "band_plan", "neighborhood_plan", "block_plan", "combine_plans", "raster_causal",
+    "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "block_plan", "combine_plans", "raster_causal",
     "band_mask", "neighborhood_mask", "block_mask", "combine_masks",
     "tiled_attention", "tile_attention", "release_workspace", "gather_tiles", "scatter_tiles", "gather_rows", "scatter_rows",
     "window_partition", "window_reverse", "window_valid", "window_mean", "window_expand", "windowed",
@@ -191,6 +191,17 @@ def band_plan(q_len: int, k_len: int, left: int, right: int, tile: int | None = 
     rel = kpos[:, None, :] - pos[:, :, None]
     keep = keep[:, None, :] & (rel >= -left) & (rel <= right)
     return _finish(q_len, k_len, qi, q_valid, kpos.clamp(0, k_len - 1), keep, torch.arange(q_len), k_window)
+
+
+@lru_cache(maxsize=_CACHE)
+def dense_plan(q_len: int, k_len: int, tile: int) -> TilePlan:
+    """Every query sees every key, in query tiles of ``tile``: full attention as tiles (for the fused kernel, e.g.
+    queries and keys of another width than the values, which SDPA's fused kernel does not take)."""
+    tile = _positive_int("tile", tile)
+    T = -(-q_len // tile)
+    slots = torch.arange(T * tile)
+    return _finish(q_len, k_len, slots.clamp(max=q_len - 1).view(T, tile), (slots < q_len).view(T, tile),
+                   torch.arange(k_len).expand(T, k_len), None, torch.arange(q_len))
 
 
 @lru_cache(maxsize=_CACHE)
@@ -503,8 +514,10 @@ _WORKSPACE = threading.local()
 
 
 def release_workspace() -> None:
-    """Free this thread's gather buffers (kept between no-grad calls of :func:`tiled_attention`)."""
+    """Free this thread's gather buffers (kept between no-grad calls of :func:`tiled_attention`) and the fused
+    kernel's idle result buffers (:func:`attnlab.ops.native.release_workspace`)."""
     _WORKSPACE.__dict__.pop("buffers", None)
+    native.release_workspace()
 
 
 def _buffer(role: str, numel: int, like: Tensor) -> Tensor | None:

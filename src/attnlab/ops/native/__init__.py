@@ -20,21 +20,25 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ...files import cache_dir
 
-__all__ = ["available", "status", "supports", "tile_attention", "indexed_attention", "disabled", "MAX_TILE"]
+__all__ = ["available", "status", "supports", "tile_attention", "indexed_attention", "disabled", "release_workspace",
+           "MAX_TILE"]
 
 _SOURCE = Path(__file__).with_name("tile_attention.cpp")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
@@ -142,6 +146,63 @@ def supports(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, tiles: tuple[
     return available()
 
 
+class _Pool:
+    """float32 result buffers that stay mapped between calls.
+
+    A kernel call on a 128 x 128 map takes 20-40 ms; a fresh 32 MB output is new pages the OS must fault in and
+    zero on first write, about 9 ms of that on this machine (two threads faulting at once serialise in the kernel).
+    Results are handed out as tensors over pooled numpy buffers (``torch.from_numpy``, no copy); when a tensor and
+    its views are gone, a ``weakref.finalize`` on the numpy view returns the buffer, already faulted in, for the
+    next call of the same size. Only sizes of at least ``MIN_BYTES`` are pooled, and at most ``LIMIT_BYTES`` are
+    kept idle (:func:`release_workspace` empties the pool).
+    """
+
+    MIN_BYTES = 1 << 20
+    LIMIT_BYTES = 1 << 30
+
+    def __init__(self) -> None:
+        self.idle: dict[int, list[np.ndarray]] = {}
+        self.idle_bytes = 0
+        self.lock = threading.Lock()
+
+    def empty(self, *shape: int) -> Tensor:
+        n = math.prod(shape)
+        if n * 4 < self.MIN_BYTES:
+            return torch.empty(*shape, dtype=torch.float32)
+        with self.lock:
+            free = self.idle.get(n)
+            base = free.pop() if free else None
+            if base is not None:
+                self.idle_bytes -= base.nbytes
+        if base is None:
+            base = np.empty(n, dtype=np.float32)
+        view = base.view()
+        weakref.finalize(view, self._give_back, base)
+        return torch.from_numpy(view).view(*shape)
+
+    def zeros(self, *shape: int) -> Tensor:
+        return self.empty(*shape).zero_()
+
+    def _give_back(self, base: np.ndarray) -> None:
+        with self.lock:
+            if self.idle_bytes + base.nbytes <= self.LIMIT_BYTES:
+                self.idle.setdefault(base.size, []).append(base)
+                self.idle_bytes += base.nbytes
+
+    def clear(self) -> None:
+        with self.lock:
+            self.idle.clear()
+            self.idle_bytes = 0
+
+
+_POOL = _Pool()
+
+
+def release_workspace() -> None:
+    """Free the idle result buffers the kernels keep between calls (see ``_Pool``)."""
+    _POOL.clear()
+
+
 def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
@@ -193,7 +254,7 @@ class _Fused(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, scale, geo, rows):
         B, Hq, _, D = q.shape
         Hkv, Dv = k.shape[1], v.shape[3]
-        o = torch.empty(B, rows, Hq, Dv, dtype=q.dtype).transpose(1, 2)
+        o = _POOL.empty(B, rows, Hq, Dv).transpose(1, 2)
         lse = torch.empty(B, Hq, rows, dtype=q.dtype)
         geo.call(_LIB.attnlab_tile_forward, [q, k, v, mask, o, lse],
                  _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None]), D, Dv, Hq, Hkv, scale)
@@ -210,9 +271,9 @@ class _Fused(torch.autograd.Function):
         do = _unit_last(do)
         dlse = None if dlse is None or not bool(dlse.any()) else dlse.contiguous()
         # dq rows are written once each; dk, dv rows are added into (keys shared by tiles)
-        dq = torch.zeros(B, q.shape[2], Hq, D, dtype=q.dtype).transpose(1, 2)
-        dk = torch.zeros(B, k.shape[2], Hkv, D, dtype=q.dtype).transpose(1, 2)
-        dv = torch.zeros(B, k.shape[2], Hkv, Dv, dtype=q.dtype).transpose(1, 2)
+        dq = _POOL.zeros(B, q.shape[2], Hq, D).transpose(1, 2)
+        dk = _POOL.zeros(B, k.shape[2], Hkv, D).transpose(1, 2)
+        dv = _POOL.zeros(B, k.shape[2], Hkv, Dv).transpose(1, 2)
         want_mask = m is not None and ctx.needs_input_grad[3]
         dm = torch.empty(geo.B, geo.T, Hq, geo.tq, geo.tk, dtype=q.dtype) if want_mask else None
         geo.call(_LIB.attnlab_tile_backward, [q, k, v, m, o, lse, do, dlse, dq, dk, dv, dm],
