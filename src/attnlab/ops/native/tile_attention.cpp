@@ -25,7 +25,7 @@ constexpr int VL = 16;  // floats per vector
 
 inline vf load(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (vf{} + x adds 0.0 first)
 inline int64_t round_up(int64_t n) { return (n + VL - 1) / VL * VL; }
 
 // exp(x) for a vector: 2^n * e^f with n = round(x log2 e), |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial
@@ -261,7 +261,7 @@ void rows_of(const Op<T>& op, int64_t b, int64_t t, int64_t h, int64_t n, const 
 
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
     for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < cols; c += 64 / sizeof(float)) __builtin_prefetch(rows[r] + c);
+        for (int64_t c = 0; c < cols; c += 64 / sizeof(float)) __builtin_prefetch(rows[r] + c, 0, 2);  // to L2: L1 holds this item
 }
 
 inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }
@@ -288,7 +288,10 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
             prefetch(next.data(), P.tk, P.dv);
         }
         transpose(w.kr.data(), P.tk, P.d, w.kt.data(), tkp);
-        logits(P, b, t, h, Rows{w.qr.data()}, w);
+        if (P.q.idx)  // rows by pointer; evenly strided rows index faster (no pointer load per row)
+            logits(P, b, t, h, Rows{w.qr.data()}, w);
+        else
+            logits(P, b, t, h, Strided{w.qr[0], P.q.sr}, w);
         for (int64_t i = 0; i < P.tq; ++i) {  // softmax in place (unnormalised), 1 / sum kept for the output
             float* s = w.S.data() + i * tkp;
             float* lse = P.lse.row(b, t, h, i, P.tq);
@@ -313,7 +316,9 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
             if (valid(P, t, i)) *lse = m + std::log(l);
         }
         const Strided p{w.S.data(), tkp};
-        if (P.dv % VL == 0) {  // value rows read in place
+        if (P.dv % VL == 0 && !P.v.idx) {  // value rows read in place
+            gemm(P.tq, dvp, P.tk, p, Strided{w.vr[0], P.v.sr}, w.acc.data(), dvp, false);
+        } else if (P.dv % VL == 0) {
             gemm(P.tq, dvp, P.tk, p, Rows{w.vr.data()}, w.acc.data(), dvp, false);
         } else {
             copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);
