@@ -157,8 +157,13 @@ def cores(n1: int, hw: tuple[int, int], heads: int, d: int):
     lwin = (kw["window_size"],) * 2
     out.append(("l2vit", kw, (n2, hw), False, lambda q, k, v: windows(q, k, v, lwin), tiles(L._windows_plan(hw, lwin))))
 
-    kw = spec_kw("duoformer")
-    out.append(("duoformer", kw, (n2, hw), False, None, None))  # core = its module (pyramid + regions); module only
+    kw = spec_kw("duoformer")  # core: scale-wise attention in every region (all scales' tokens) + patch-wise
+    R = L._duo_region(hw, kw["region"], kw["scales"])
+    n_reg, t_reg = -(-H // R) * -(-Wd // R), sum((R // 2 ** s) ** 2 for s in range(kw["scales"]))
+    duo = [t.transpose(1, 2).reshape(n_reg, t_reg, heads, d).transpose(1, 2) for t in qkv(n_reg * t_reg, heads, d)]
+    reg = qkv(n_reg, heads, d, seed=1)
+    out.append(("duoformer", kw, (n2, hw), False, lambda q, k, v: (W.attention_tiles(*duo), attention(*reg)),
+                [(n_reg, heads, t_reg, t_reg, d), (1, heads, n_reg, n_reg, d)]))
     out.append(("medusa", spec_kw("medusa"), (n2, hw), False, None, None))  # convolutional gating, not attention
     kw = spec_kw("chada-vit")
     out.append(("chada-vit", kw, (n1, None), False, lambda q, k, v: attention(q, k, v), [(1, heads, n1, n1, d)]))

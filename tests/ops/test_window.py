@@ -235,13 +235,13 @@ def test_tiled_attention_rejects_wrong_plan():
 
 def test_tiled_attention_never_forms_the_full_matrix(monkeypatch):
     seen = []
-    real = W._attention_tiles  # every tile call, fused kernel or SDPA
+    real = W.attention_tiles  # every tile call, fused kernel or SDPA
 
     def spy(q, k, v, *args):
         seen.append((q.shape[-2], k.shape[-2]))
         return real(q, k, v, *args)
 
-    monkeypatch.setattr(W, "_attention_tiles", spy)
+    monkeypatch.setattr(W, "attention_tiles", spy)
     real_native = W.native.indexed_attention  # the fused kernel reading tiles in place
 
     def spy_native(q, k, v, q_index, k_index, *args):

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from ..errors import shape_error
 from ..ops import attention, native, reference_attention
 from ..ops.window import (
-    TilePlan, band_mask, band_plan, block_mask, block_plan, combine_masks, combine_plans, dense_plan, neighborhood_mask,
-    gather_rows, neighborhood_plan, raster_causal, scatter_rows, tile_attention, tiled_attention, window_expand,
-    window_mean, window_partition, window_reverse, window_valid, windowed,
+    TilePlan, attention_tiles, band_mask, band_plan, block_mask, block_plan, combine_masks, combine_plans, dense_plan,
+    gather_rows, neighborhood_mask, neighborhood_plan, raster_causal, scatter_rows, tile_attention, tiled_attention,
+    window_expand, window_mean, window_partition, window_reverse, window_valid, windowed,
 )
 from ..registry import Caps, register
 from .base import Mechanism
@@ -1166,7 +1166,7 @@ class ScaleWiseAttention(Mechanism):
         mask = None
         if not bool(valid.all()):
             mask = valid.reshape(1, nh * nw, 1, 1, T).expand(B, -1, -1, -1, -1).reshape(B * nh * nw, 1, 1, T)
-        o = attention(q, k, v, attn_mask=mask)
+        o = attention_tiles(q, k, v, mask)  # one small problem per region: the fused tile kernel where it runs
         o = self.proj(rearrange(o, "(b nh nw) h t d -> b nh nw t (h d)", b=B, nh=nh, nw=nw))
         y = window_reverse(o[:, :, :, : R * R], R, hw).reshape(B, -1, self.dim)
         wl = R // 2 ** (self.scales - 1)

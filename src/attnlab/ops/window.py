@@ -4,16 +4,20 @@
 How it works. Every local pattern is described per axis by a :class:`TilePlan`: the queries are cut into tiles of
 ``tq`` positions, each tile gets one contiguous-in-its-group key region of ``tk`` positions that contains every key any
 of its queries may see, and a boolean ``keep (T, tq, tk)`` says which of those keys each query actually sees. A 2-D
-pattern is the outer product of two 1-D plans (:func:`combine_plans`). :func:`tiled_attention` then gathers query tiles
-and key regions, folds the tiles into the batch dimension and attends within them exactly -- with the fused CPU
-kernel of :mod:`attnlab.ops.native` for float32 tiles of up to 512 queries and 2048 keys (about twice SDPA's speed
-on 64-token tiles; it reads each tile's rows in place and writes outputs to their positions, so nothing is
-gathered), else with :func:`attnlab.ops.attention` (torch SDPA) -- cost ``O(N * tk * d)``, memory ``O(N * tk)``; tiles are
-processed in bounded groups (fully visible tiles without a mask), gathered into buffers reused between no-grad calls
-(see ``_WORKSPACE``; :func:`release_workspace` frees them). Window
-mechanisms whose key regions are their query tiles can instead gather the *input* once (:func:`gather_rows`), project
-inside the windows and call :func:`tile_attention` directly, then :func:`scatter_rows` -- one copy of the input
-instead of three of q, k, v.
+pattern is the outer product of two 1-D plans (:func:`combine_plans`). :func:`tiled_attention` then attends within
+the tiles exactly, at cost ``O(N * tk * d)`` and memory ``O(N * tk)``:
+
+- float32 on the CPU, tiles of up to 512 queries and 2048 keys: the fused kernel of :mod:`attnlab.ops.native` reads
+  each tile's query and key rows in place (by the plan's indices) and writes every output to its position -- nothing
+  is gathered, nothing scattered; about twice SDPA's speed on 64-token tiles;
+- otherwise: query tiles and key regions are gathered, folded into the batch dimension and passed to
+  :func:`attnlab.ops.attention` (torch SDPA), in bounded groups (fully visible tiles without a mask), gathered into
+  buffers reused between no-grad calls (see ``_WORKSPACE``; :func:`release_workspace` frees them).
+
+Window mechanisms whose key regions are their query tiles can instead gather the *input* once (:func:`gather_rows`),
+project inside the windows and call :func:`tile_attention` directly, then :func:`scatter_rows` -- one copy of the
+input instead of three of q, k, v. :func:`attention_tiles` is the single dispatch (fused kernel or SDPA) for any batch
+of small problems.
 
 Builders (per axis, every size allowed, nothing needs to divide):
 
@@ -55,7 +59,8 @@ from .softmax import attention, check_inputs
 __all__ = [
     "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "block_plan", "combine_plans", "raster_causal",
     "band_mask", "neighborhood_mask", "block_mask", "combine_masks",
-    "tiled_attention", "tile_attention", "release_workspace", "gather_tiles", "scatter_tiles", "gather_rows", "scatter_rows",
+    "tiled_attention", "tile_attention", "attention_tiles", "release_workspace", "gather_tiles", "scatter_tiles",
+    "gather_rows", "scatter_rows",
     "window_partition", "window_reverse", "window_valid", "window_mean", "window_expand", "windowed",
 ]
 
@@ -626,7 +631,7 @@ def _attend(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int, tiles: s
             mask = _additive_keep(plan, qt.dtype, str(qt.device))[tiles]
             if B > 1:
                 mask = mask[None].expand(B, *mask.shape).reshape(B * Tc, 1, tq, tk)
-        return _attention_tiles(qt, kt, vt, mask, scale, return_lse)
+        return attention_tiles(qt, kt, vt, mask, scale, return_lse)
     if key_padding_mask is not None:
         kpm = key_padding_mask.index_select(1, plan.k_index[tiles].reshape(-1)).view(B, Tc, 1, tk)
         keep = kpm if keep is None else keep[None] & kpm  # (B, Tc, tq | 1, tk)
@@ -642,12 +647,14 @@ def _attend(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int, tiles: s
             b = _fold_bias(bias, B, T, tiles)
         b = b.to(qt.dtype)
         mask = b if keep is None else b.masked_fill(~keep, float("-inf"))
-    return _attention_tiles(qt, kt, vt, mask, scale, return_lse)
+    return attention_tiles(qt, kt, vt, mask, scale, return_lse)
 
 
-def _attention_tiles(qt: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None, scale, return_lse: bool):
-    """One attention call over tiles ``(B*T, H, t, D)``: the fused CPU kernel of :mod:`attnlab.ops.native` where it
-    takes them (float32, tiles within ``native.MAX_TILE``), SDPA (or the chunked op for the lse) otherwise."""
+def attention_tiles(qt: Tensor, kt: Tensor, vt: Tensor, mask: Tensor | None = None, scale: float | None = None,
+                    return_lse: bool = False):
+    """Exact attention within each of many small problems ``(T, H, t, D)`` (tiles in the batch dimension), ``mask``
+    an ``attn_mask`` for them: the fused CPU kernel of :mod:`attnlab.ops.native` where it takes them (float32, tiles
+    within ``native.MAX_TILE``), :func:`attnlab.ops.attention` (SDPA, or the chunked op for the lse) otherwise."""
     if native.supports(qt, kt, vt, mask):
         return native.tile_attention(qt, kt, vt, mask, scale, return_lse)
     return attention(qt, kt, vt, attn_mask=mask, scale=scale, return_lse=return_lse)

@@ -313,7 +313,8 @@ def tile_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     m = _additive(mask, q.dtype)
     if m is not None and m.dim() != 4:
-        raise ValueError(f"tile_attention: expected a 4-D mask broadcastable to {(T, Hq, tq, tk)}, got {tuple(m.shape)}")
+        raise ValueError(f"tile_attention: expected a 4-D mask broadcastable to {(T, Hq, tq, tk)}, "
+                         f"got {tuple(m.shape)}")
     m5 = None if m is None else _unit_last(m).unsqueeze(1)  # (B = T tiles, 1, Hq, tq, tk), broadcast dims stride 0
     q, k, v = (_unit_last(t) for t in (q, k, v))
     o, lse = _Fused.apply(q, k, v, m5, scale, _Geometry(T, 1, tq, tk), tq)

@@ -261,7 +261,8 @@ void rows_of(const Op<T>& op, int64_t b, int64_t t, int64_t h, int64_t n, const 
 
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
     for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < cols; c += 64 / sizeof(float)) __builtin_prefetch(rows[r] + c, 0, 2);  // to L2: L1 holds this item
+        for (int64_t c = 0; c < cols; c += 64 / sizeof(float))
+            __builtin_prefetch(rows[r] + c, 0, 2);  // into L2: L1 holds the current item
 }
 
 inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }
