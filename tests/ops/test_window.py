@@ -387,3 +387,22 @@ def test_dense_plan_is_full_attention(q_len, k_len, tile):
     assert torch.equal(dense_from_plan(plan), torch.ones(q_len, k_len, dtype=torch.bool))
     q, k, v = qkv(Nq=q_len, Nk=k_len)
     assert_same(lambda: W.tiled_attention(q, k, v, plan), lambda: reference_attention(q, k, v), (q, k, v))
+
+
+@pytest.mark.parametrize("length,block,shift", [(8, 4, 2), (12, 4, 1), (12, 4, 3), (16, 8, 4), (6, 3, 1)])
+def test_rolled_block_plan_sees_what_shifted_blocks_see(length, block, shift):
+    """Swin's cyclic roll + mask, as a plan: the same visibility as blocks moved by the shift, in fewer tiles."""
+    plan = W.rolled_block_plan(length, block, shift)
+    check_plan_structure(plan)
+    assert torch.equal(dense_from_plan(plan), W.block_mask(length, block, shift))
+    assert plan.tiles == length // block < W.block_plan(length, block, shift).tiles
+    q, k, v = qkv(Nq=length, Nk=length)
+    assert_same(lambda: W.tiled_attention(q, k, v, plan),
+                lambda: reference_attention(q, k, v, attn_mask=W.block_mask(length, block, shift)), (q, k, v))
+
+
+def test_rolled_block_plan_rejects_what_it_cannot_roll():
+    with pytest.raises(ValueError, match="divisible"):
+        W.rolled_block_plan(10, 4, 2)
+    with pytest.raises(ValueError, match="shift"):
+        W.rolled_block_plan(8, 4, 4)

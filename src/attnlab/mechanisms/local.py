@@ -28,8 +28,8 @@ from ..errors import shape_error
 from ..ops import attention, native, reference_attention
 from ..ops.window import (
     TilePlan, attention_tiles, band_mask, band_plan, block_mask, block_plan, combine_masks, combine_plans, dense_plan,
-    gather_rows, neighborhood_mask, neighborhood_plan, raster_causal, scatter_rows, tile_attention, tiled_attention,
-    window_expand, window_mean, window_partition, window_reverse, window_valid, windowed,
+    gather_rows, neighborhood_mask, neighborhood_plan, raster_causal, rolled_block_plan, scatter_rows, tile_attention,
+    tiled_attention, window_expand, window_mean, window_partition, window_reverse, window_valid, windowed,
 )
 from ..registry import Caps, register
 from .base import Mechanism
@@ -91,8 +91,15 @@ def _as_map(x: Tensor, hw: tuple[int, int]) -> Tensor:
 
 
 def _windows_plan(hw: tuple[int, int], window: tuple[int, int], shift: tuple[int, int] = (0, 0),
-                  halo: tuple[int, int] = (0, 0)) -> TilePlan:
-    return combine_plans([block_plan(L, w, s, h) for L, w, s, h in zip(hw, window, shift, halo)])
+                  halo: tuple[int, int] = (0, 0), rolled: bool = True) -> TilePlan:
+    """(Shifted, haloed) windows. ``rolled``: a shifted axis that the window divides is cut as Swin's cyclic roll
+    (same visibility, one tile fewer per row and no partial tiles); not for in-window convolutions, which must not
+    see the rolled-in end of the axis."""
+    def axis(L, w, s, h):
+        if rolled and s and not h and L % w == 0 and 0 < s < w:
+            return rolled_block_plan(L, w, s)
+        return block_plan(L, w, s, h)
+    return combine_plans([axis(L, w, s, h) for L, w, s, h in zip(hw, window, shift, halo)])
 
 
 def _windows_mask(hw, window, shift=(0, 0), halo=(0, 0), device=None) -> Tensor:
@@ -116,7 +123,7 @@ def _window_branch(x: Tensor, qkv: nn.Linear, heads: slice, n_heads: int, hw, wi
     Moving the input once instead of q, k and v three times is what makes small windows fast. ``lepe``: CSWin's
     depth-wise conv of V, computed in the windows (padding slots zeroed first = zero padding at window borders).
     """
-    plan = _windows_plan(hw, window, shift)  # block plan without halo: every window's keys are its queries
+    plan = _windows_plan(hw, window, shift, rolled=lepe is None)  # no halo: every window's keys are its queries
     B, nh = x.shape[0], heads.stop - heads.start
     w, b = _head_rows(qkv, heads, n_heads)
     q, k, v = rearrange(F.linear(gather_rows(x, plan.q_index), w, b), "bt t (three h d) -> three bt h t d",
