@@ -38,6 +38,7 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
     doc = json.loads(before)
     assert doc["schema"] == harness.SCHEMA_VERSION and "torch" in doc["machine"]
+    assert "native_kernel" in doc["machine"]  # which path local attention took
 
 
 def test_run_isolated_reports_errors():

@@ -206,11 +206,13 @@ def machine_info() -> dict:
     except OSError:
         pass
     from .. import __version__
+    from ..ops import native
 
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "attnlab": __version__,
         "platform": platform.platform(),
+        "native_kernel": native.status(),  # tile / window attention: fused CPU kernel ("ok") or SDPA (why not)
     }
 
 

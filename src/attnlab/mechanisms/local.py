@@ -276,11 +276,16 @@ def _na_mask(grid, kernel, dilation, causal, device) -> Tensor:
 
 
 def _na_tile_2d(kernel: int) -> int:
-    # 2-D query tiles, measured fastest at 64^2..128^2 maps: with the fused kernel (ops.native, float32 CPU) 4 x 4 for
-    # k <= 9 (7 x 7: 66 ms vs 80 ms for 8 x 8 at 128^2, 8 heads of 64), 8 x 8 up to k = 15; through SDPA 8 x 8, and
-    # 16 x 16 for large kernels. The 1-D default comes from the plan builder.
-    if kernel <= 9 and native.available():
-        return 4
+    # 2-D query tiles, measured fastest at 128^2 maps, 8 heads of 64 (ms, forward): with the fused kernel
+    # (ops.native, float32 CPU) 4 x 4 up to k = 15 (k = 7: 40 vs 43 / 47 for 3 x 3 / 5 x 5; k = 13: 96 vs 106 for
+    # 8 x 8) and 6 x 6 while the region fits the kernel's 2048 keys (k = 31: 412 vs 445 for 8 x 8 and 905 for
+    # 16 x 16, whose 2116 keys go to SDPA); through SDPA 8 x 8, and 16 x 16 for large kernels. The 1-D default comes
+    # from the plan builder.
+    if native.available():
+        if kernel <= 15:
+            return 4
+        if (6 + kernel - 1) ** 2 <= native.MAX_TILE[1]:
+            return 6
     return 8 if kernel <= 15 else 16
 
 
