@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -132,24 +133,26 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
     gemm(M, N, K, Strided{A, lda}, Strided{B, ldb}, C, ldc, acc);
 }
 
-// 16 x 16 transpose in registers: level b swaps bit b of the row and the column index (rows i and i + b exchange
-// their blocks of b elements); after the four levels element (r, c) is at (c, r).
-#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-inline void transpose16(vf* r) {
-    for (int i = 0; i < 16; ++i) if (!(i & 8)) { vf a = r[i], b = r[i + 8];
-        r[i] = SHUF(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-        r[i + 8] = SHUF(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31); }
-    for (int i = 0; i < 16; ++i) if (!(i & 4)) { vf a = r[i], b = r[i + 4];
-        r[i] = SHUF(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-        r[i + 4] = SHUF(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31); }
-    for (int i = 0; i < 16; ++i) if (!(i & 2)) { vf a = r[i], b = r[i + 2];
-        r[i] = SHUF(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-        r[i + 2] = SHUF(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31); }
-    for (int i = 0; i < 16; ++i) if (!(i & 1)) { vf a = r[i], b = r[i + 1];
-        r[i] = SHUF(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-        r[i + 1] = SHUF(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31); }
+// 16 x 16 transpose in registers: level B swaps bit B of the row and the column index (rows i and i + B exchange
+// their blocks of B elements); after the four levels element (r, c) is at (c, r).
+template <int B, size_t... C>
+inline vf level_lo(vf a, vf b, std::index_sequence<C...>) {
+    return __builtin_shufflevector(a, b, ((C & B) ? 16 + C - B : C)...);
 }
-#undef SHUF
+template <int B, size_t... C>
+inline vf level_hi(vf a, vf b, std::index_sequence<C...>) {
+    return __builtin_shufflevector(a, b, ((C & B) ? 16 + C : C + B)...);
+}
+template <int B>
+inline void level(vf* r) {
+    for (int i = 0; i < 16; ++i)
+        if (!(i & B)) {
+            const vf a = r[i], b = r[i + B];
+            r[i] = level_lo<B>(a, b, std::make_index_sequence<16>{});
+            r[i + B] = level_hi<B>(a, b, std::make_index_sequence<16>{});
+        }
+}
+inline void transpose16(vf* r) { level<8>(r); level<4>(r); level<2>(r); level<1>(r); }
 
 // dst[cols x ldd] = src^T for src given by its row pointers (rows x cols), ldd = round_up(rows): columns
 // rows..ldd are zero (padding keys contribute nothing). Whole 16 x 16 blocks in registers; edges through zero padding.
@@ -433,11 +436,19 @@ Op<T> op(void* const* ptrs, const int64_t* st, int i, const int64_t* idx) {
     return o;
 }
 
-Problem problem(const int64_t* sizes, float scale) {
+// The operands both directions share: q, k, v, mask (slots 0-3) and lse (slot 5), the indices and masks.
+Problem problem(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale, const int64_t* q_index,
+                const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm) {
     Problem P{};
     P.B = sizes[0]; P.T = sizes[1]; P.hq = sizes[2]; P.hkv = sizes[3]; P.tq = sizes[4]; P.tk = sizes[5];
     P.d = sizes[6]; P.dv = sizes[7]; P.kpm_sb = sizes[8];
     P.scale = scale;
+    P.q = op<const float>(ptrs, strides, 0, q_index);
+    P.k = op<const float>(ptrs, strides, 1, k_index);
+    P.v = op<const float>(ptrs, strides, 2, k_index);
+    P.mask = op<const float>(ptrs, strides, 3, nullptr);
+    P.lse = op<float>(ptrs, strides, 5, q_index);
+    P.q_valid = q_valid; P.kpm = kpm;
     return P;
 }
 
@@ -451,14 +462,8 @@ extern "C" {
 int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                          const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
                          int threads) {
-    Problem P = problem(sizes, scale);
-    P.q = op<const float>(ptrs, strides, 0, q_index);
-    P.k = op<const float>(ptrs, strides, 1, k_index);
-    P.v = op<const float>(ptrs, strides, 2, k_index);
-    P.mask = op<const float>(ptrs, strides, 3, nullptr);
+    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm);
     P.o = op<float>(ptrs, strides, 4, q_index);
-    P.lse = op<float>(ptrs, strides, 5, q_index);
-    P.q_valid = q_valid; P.kpm = kpm;
     parallel(P.B * P.T * P.hq, threads, [&](int64_t a, int64_t b) { forward_range(P, a, b); });
     return 0;
 }
@@ -468,20 +473,14 @@ int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* con
 int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                           const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
                           int threads) {
-    Problem P = problem(sizes, scale);
-    P.q = op<const float>(ptrs, strides, 0, q_index);
-    P.k = op<const float>(ptrs, strides, 1, k_index);
-    P.v = op<const float>(ptrs, strides, 2, k_index);
-    P.mask = op<const float>(ptrs, strides, 3, nullptr);
+    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm);
     P.out = op<const float>(ptrs, strides, 4, q_index);
-    P.lse = op<float>(ptrs, strides, 5, q_index);
     P.dout = op<const float>(ptrs, strides, 6, q_index);
     P.dlse = op<const float>(ptrs, strides, 7, q_index);
     P.dq = op<float>(ptrs, strides, 8, q_index);
     P.dk = op<float>(ptrs, strides, 9, k_index);
     P.dvv = op<float>(ptrs, strides, 10, k_index);
     P.dmask = static_cast<float*>(ptrs[11]);
-    P.q_valid = q_valid; P.kpm = kpm;
     parallel(P.B * P.hkv, threads, [&](int64_t a, int64_t b) { backward_range(P, a, b); });
     return 0;
 }
