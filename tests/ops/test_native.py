@@ -253,3 +253,15 @@ def test_narrow_query_key_attention_same_with_and_without_the_kernel():
     w = torch.randn(o.shape, generator=g)
     for a, b in zip(torch.autograd.grad((o * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def test_key_ranges_bound_every_visible_key():
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(3, 5, 9, generator=g) < 0.3
+    keep[0, 0] = False  # a query that sees nothing: (0, 0)
+    r = native.key_ranges(keep)
+    assert r.dtype == torch.int32 and r.shape == (3, 5, 2)
+    for t in range(3):
+        for i in range(5):
+            seen = keep[t, i].nonzero().flatten().tolist()
+            assert tuple(r[t, i].tolist()) == ((seen[0], seen[-1] + 1) if seen else (0, 0))

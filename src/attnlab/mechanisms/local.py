@@ -276,16 +276,17 @@ def _na_mask(grid, kernel, dilation, causal, device) -> Tensor:
 
 
 def _na_tile_2d(kernel: int) -> int:
-    # 2-D query tiles, measured fastest at 128^2 maps, 8 heads of 64 (ms, forward): with the fused kernel
-    # (ops.native, float32 CPU) 4 x 4 up to k = 15 (k = 7: 40 vs 43 / 47 for 3 x 3 / 5 x 5; k = 13: 96 vs 106 for
-    # 8 x 8) and 6 x 6 while the region fits the kernel's 2048 keys (k = 31: 412 vs 445 for 8 x 8 and 905 for
-    # 16 x 16, whose 2116 keys go to SDPA); through SDPA 8 x 8, and 16 x 16 for large kernels. The 1-D default comes
-    # from the plan builder.
+    # 2-D query tiles, measured fastest at 128^2 maps, 8 heads of 64 (forward): with the fused kernel (ops.native,
+    # float32 CPU), which skips the key columns a row of queries does not see, 4 x 4 for k <= 9 (k = 7: 38 ms vs
+    # 45 / 41 for 3 x 3 / 5 x 5), then 8 x 8 while the region fits the kernel's 2048 keys (k = 13: 83-85 ms vs 87-88
+    # for 4 x 4; k = 31: 385-427 ms vs 447-482 for 6 x 6 and 864-989 for 16 x 16, whose 2116 keys go to SDPA);
+    # through SDPA 8 x 8, and 16 x 16 for large kernels. The 1-D default comes from the plan builder.
     if native.available():
-        if kernel <= 15:
+        if kernel <= 9:
             return 4
-        if (6 + kernel - 1) ** 2 <= native.MAX_TILE[1]:
-            return 6
+        for t in (8, 6):
+            if (t + kernel - 1) ** 2 <= native.MAX_TILE[1]:
+                return t
     return 8 if kernel <= 15 else 16
 
 

@@ -519,8 +519,14 @@ def _tiled_native(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, B: int, scale
         b = _fold_bias(bias, B, T).to(q.dtype)
         b = b.unsqueeze(0) if b.shape[0] == 1 else b.unflatten(0, (B, T))
         mask = b if mask is None else b + mask
+    ranges = None if plan.keep is None else _key_ranges(plan)
     return native.indexed_attention(q, k, v, plan.q_index, plan.k_index, plan.q_valid, mask, key_padding_mask,
-                                    scale, return_lse)
+                                    scale, return_lse, ranges)
+
+
+@lru_cache(maxsize=_CACHE)
+def _key_ranges(plan: TilePlan) -> Tensor:
+    return native.key_ranges(plan.keep)
 
 
 def _untile(parts: list[Tensor], B: int, rows: int, q_len: int, slots: Tensor | None) -> Tensor:

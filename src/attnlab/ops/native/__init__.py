@@ -37,8 +37,8 @@ from torch import Tensor
 
 from ...files import cache_dir
 
-__all__ = ["available", "status", "supports", "tile_attention", "indexed_attention", "disabled", "release_workspace",
-           "MAX_TILE"]
+__all__ = ["available", "status", "supports", "tile_attention", "indexed_attention", "key_ranges", "disabled",
+           "release_workspace", "MAX_TILE"]
 
 _SOURCE = Path(__file__).with_name("tile_attention.cpp")
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
@@ -72,8 +72,8 @@ def _build() -> ctypes.CDLL:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
     p, f, i = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    for fn in (lib.attnlab_tile_forward, lib.attnlab_tile_backward):
-        fn.argtypes = [p, p, p, f, p, p, p, p, i]
+    lib.attnlab_tile_forward.argtypes = [p, p, p, f, p, p, p, p, p, i]
+    lib.attnlab_tile_backward.argtypes = [p, p, p, f, p, p, p, p, i]
     lib.attnlab_tile_forward.restype = lib.attnlab_tile_backward.restype = i
     return lib
 
@@ -230,20 +230,23 @@ def _ptr(t: Tensor | None) -> int | None:
 class _Geometry:
     """Where each tile's rows are: ``B`` batch elements of ``T`` tiles; ``q_index (T, tq)`` / ``k_index (T, tk)``
     token positions (None: the operands are already tiles, ``B`` counting them), ``q_valid (T, tq)`` uint8,
-    ``kpm (B, Nk)`` uint8 (1 = key kept)."""
+    ``kpm (B, Nk)`` uint8 (1 = key kept), ``k_range (T, tq, 2)`` int32: the key slots ``[first, last)`` each query
+    may see (the forward skips the rest of its tile's region)."""
 
-    def __init__(self, B, T, tq, tk, q_index=None, k_index=None, q_valid=None, kpm=None):
+    def __init__(self, B, T, tq, tk, q_index=None, k_index=None, q_valid=None, kpm=None, k_range=None):
         self.B, self.T, self.tq, self.tk = B, T, tq, tk
         self.q_index, self.k_index, self.q_valid, self.kpm = q_index, k_index, q_valid, kpm
+        self.k_range = k_range
 
     def call(self, fn, ops: list[Tensor | None], strides: list[int], D: int, Dv: int, Hq: int, Hkv: int,
-             scale: float) -> None:
+             scale: float, forward: bool) -> None:
         sizes = torch.tensor([self.B, self.T, Hq, Hkv, self.tq, self.tk, D, Dv,
                               0 if self.kpm is None else self.kpm.stride(0)], dtype=torch.int64)
         st = torch.tensor(strides, dtype=torch.int64)
         ptrs = (ctypes.c_void_p * len(ops))(*[_ptr(t) for t in ops])
+        rest = (_ptr(self.k_range),) if forward else ()
         fn(sizes.data_ptr(), st.data_ptr(), ptrs, scale, _ptr(self.q_index), _ptr(self.k_index),
-           _ptr(self.q_valid), _ptr(self.kpm), torch.get_num_threads())
+           _ptr(self.q_valid), _ptr(self.kpm), *rest, torch.get_num_threads())
 
 
 class _Fused(torch.autograd.Function):
@@ -257,7 +260,8 @@ class _Fused(torch.autograd.Function):
         o = _POOL.empty(B, rows, Hq, Dv).transpose(1, 2)
         lse = torch.empty(B, Hq, rows, dtype=q.dtype)
         geo.call(_LIB.attnlab_tile_forward, [q, k, v, mask, o, lse],
-                 _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None]), D, Dv, Hq, Hkv, scale)
+                 _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None]), D, Dv, Hq, Hkv, scale,
+                 forward=True)
         ctx.save_for_backward(q, k, v, mask, o, lse)
         ctx.scale, ctx.geo = scale, geo
         return o, lse
@@ -279,7 +283,7 @@ class _Fused(torch.autograd.Function):
         geo.call(_LIB.attnlab_tile_backward, [q, k, v, m, o, lse, do, dlse, dq, dk, dv, dm],
                  _op(q) + _op(k) + _op(v) + _mask_op(m) + _op(o) + _op(lse[..., None]) + _op(do)
                  + _op(None if dlse is None else dlse[..., None]) + _op(dq) + _op(dk) + _op(dv) + [0] * 4,
-                 D, Dv, Hq, Hkv, ctx.scale)
+                 D, Dv, Hq, Hkv, ctx.scale, forward=False)
         dmask = dm.sum_to_size(m.shape) if want_mask else None
         return dq, dk, dv, dmask, None, None, None
 
@@ -323,11 +327,13 @@ def tile_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
 
 def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, q_valid: Tensor | None,
                       mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
-                      scale: float | None = None, return_lse: bool = False):
+                      scale: float | None = None, return_lse: bool = False, k_range: Tensor | None = None):
     """Softmax attention of query tiles to key regions read in place: ``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk,
     D[v])``; tile ``t``'s queries are positions ``q_index[t]`` and its keys ``k_index[t]`` (no gathered copies; each
     real query in exactly one valid slot, ``q_valid (T, tq)``). ``mask``: additive logits broadcastable to
-    ``(B, T, Hq, tq, tk)``; ``key_padding_mask (B, Nk)`` True = keep. Returns ``(B, Hq, Nq, Dv)`` (token-major
+    ``(B, T, Hq, tq, tk)``; ``key_padding_mask (B, Nk)`` True = keep; ``k_range (T, tq, 2)`` int32, optional: the
+    key slots ``[first, last)`` outside which a query sees nothing (:func:`key_ranges` of a plan's keep mask; the
+    forward then skips the columns a block of queries does not see). Returns ``(B, Hq, Nq, Dv)`` (token-major
     memory) and with ``return_lse`` the log-sum-exp ``(B, Hq, Nq)``. The engine of
     :func:`attnlab.ops.window.tiled_attention` on CPU float32."""
     _check(q, k)
@@ -340,5 +346,17 @@ def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index:
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     m = None if mask is None else _unit_last(mask)
     q, k, v = (_unit_last(t) for t in (q, k, v))
-    o, lse = _Fused.apply(q, k, v, m, scale, _Geometry(B, T, tq, tk, qi, ki, qv, kpm), q.shape[2])
+    kr = None if k_range is None else k_range.to(torch.int32).contiguous()
+    o, lse = _Fused.apply(q, k, v, m, scale, _Geometry(B, T, tq, tk, qi, ki, qv, kpm, kr), q.shape[2])
     return (o, lse) if return_lse else o
+
+
+def key_ranges(keep: Tensor) -> Tensor:
+    """``keep (T, tq, tk)`` bool -> ``(T, tq, 2)`` int32: each query's first visible key slot and one past its last
+    (``(0, 0)`` for a query that sees none)."""
+    T, tq, tk = keep.shape
+    any_ = keep.any(-1)
+    first = keep.to(torch.int8).argmax(-1)
+    last = tk - keep.flip(-1).to(torch.int8).argmax(-1)
+    zero = torch.zeros_like(first)
+    return torch.stack([torch.where(any_, first, zero), torch.where(any_, last, zero)], -1).to(torch.int32)

@@ -203,6 +203,7 @@ struct Problem {
     Op<float> o, lse;               // lse: a 1-column operand (one float per query row)
     const uint8_t* q_valid;         // (T, tq): slots whose output is written, or null (all)
     const uint8_t* kpm;             // (B, key positions): 0 = padding key, or null; kpm_sb its batch stride
+    const int32_t* krange;          // (T, tq, 2): first and one-past-last key slot each query sees, or null (all)
     int64_t kpm_sb;
     // backward
     Op<const float> out, dout, dlse;  // dlse may be null
@@ -228,30 +229,12 @@ struct Work {
     }
 };
 
-// logits of one (b, t, h): S[tq x tkp] = q k^T from the q rows and kt = k^T (d x tkp). With a mask the scale
-// and the mask are applied here (S = scale q k^T + mask); without one the caller folds the scale into the exponent.
-// Padding keys (of the kpm, and the vector padding past tk) are -inf.
+struct Block;
+// logits of rows [i0, i1) x key columns [j0, j1) of one (b, t, h): S = q k^T from the q rows (the block's first row
+// first) and kt = k^T (d x tkp). With a mask the scale and the mask are applied here (S = scale q k^T + mask);
+// without one the caller folds the scale into the exponent. Padding keys (of the kpm, and past tk) are -inf.
 template <class AT>
-void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, Work& w) {
-    const int64_t tkp = round_up(P.tk);
-    float* S = w.S.data();
-    gemm(P.tq, tkp, P.d, q, Strided{w.kt.data(), tkp}, S, tkp, false);
-    for (int64_t i = 0; i < P.tq; ++i) {
-        float* s = S + i * tkp;
-        if (P.mask.p) {
-            const float* mi = P.mask.row(b, t, h, i, P.tq);
-            for (int64_t j = 0; j < P.tk; ++j) s[j] = s[j] * P.scale + mi[j];
-        }
-        for (int64_t j = P.tk; j < tkp; ++j) s[j] = -INFINITY;
-    }
-    if (P.kpm) {
-        const uint8_t* kp = P.kpm + b * P.kpm_sb;
-        for (int64_t j = 0; j < P.tk; ++j) {
-            if (kp[P.k.idx ? P.k.idx[t * P.tk + j] : j]) continue;
-            for (int64_t i = 0; i < P.tq; ++i) S[i * tkp + j] = -INFINITY;
-        }
-    }
-}
+void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, const Block& k, Work& w);
 
 // The scale still to apply to S: 1 when logits() applied it with the mask.
 inline float pending_scale(const Problem& P) { return P.mask.p ? 1.0f : P.scale; }
@@ -271,12 +254,58 @@ inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
 inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }
 
 // Work item w = ((b * T) + t) * hq + h: one query head of one tile. Output rows are distinct across items.
+// Row blocks of a tile and the key columns they need: [i0, i1) x [j0, j1), j0 and j1 multiples of VL. With
+// krange (a neighbourhood's or a band's tiles, where each query sees only part of its tile's region), blocks of
+// a few rows skip the key columns none of their rows sees; otherwise one block of every row and column.
+struct Block { int64_t i0, i1, j0, j1; };
+
+void row_blocks(const Problem& P, int64_t t, std::vector<Block>& out) {
+    const int64_t tkp = round_up(P.tk);
+    out.clear();
+    if (!P.krange) { out.push_back({0, P.tq, 0, tkp}); return; }
+    const int64_t rb = P.tq <= 32 ? 4 : 8;  // 4: one image row of a 4 x 4 neighbourhood tile
+    for (int64_t i0 = 0; i0 < P.tq; i0 += rb) {
+        const int64_t i1 = std::min(P.tq, i0 + rb);
+        int64_t j0 = tkp, j1 = 0;
+        for (int64_t i = i0; i < i1; ++i) {
+            const int32_t* r = P.krange + 2 * (t * P.tq + i);
+            if (r[0] < r[1]) { j0 = std::min<int64_t>(j0, r[0]); j1 = std::max<int64_t>(j1, r[1]); }
+        }
+        if (j0 >= j1) { out.push_back({i0, i1, 0, 0}); continue; }  // no row of the block sees a key
+        out.push_back({i0, i1, j0 / VL * VL, std::min(tkp, round_up(j1))});
+    }
+}
+
+template <class AT>
+void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, const Block& k, Work& w) {
+    const int64_t tkp = round_up(P.tk), kend = std::min(k.j1, P.tk);
+    float* S = w.S.data();
+    gemm(k.i1 - k.i0, k.j1 - k.j0, P.d, q, Strided{w.kt.data() + k.j0, tkp}, S + k.i0 * tkp + k.j0, tkp, false);
+    for (int64_t i = k.i0; i < k.i1; ++i) {
+        float* s = S + i * tkp;
+        if (P.mask.p) {
+            const float* mi = P.mask.row(b, t, h, i, P.tq);
+            for (int64_t j = k.j0; j < kend; ++j) s[j] = s[j] * P.scale + mi[j];
+        }
+        for (int64_t j = std::max(kend, k.j0); j < k.j1; ++j) s[j] = -INFINITY;
+    }
+    if (P.kpm) {
+        const uint8_t* kp = P.kpm + b * P.kpm_sb;
+        for (int64_t j = k.j0; j < kend; ++j) {
+            if (kp[P.k.idx ? P.k.idx[t * P.tk + j] : j]) continue;
+            for (int64_t i = k.i0; i < k.i1; ++i) S[i * tkp + j] = -INFINITY;
+        }
+    }
+}
+
+// Work item w = ((b * T) + t) * hq + h: one query head of one tile. Output rows are distinct across items.
 void forward_range(const Problem& P, int64_t begin, int64_t end) {
     Work w(P, false);
     const int64_t tkp = round_up(P.tk), dvp = round_up(P.dv);
     const int64_t group = P.hq / P.hkv;
     const float sc = pending_scale(P);
     std::vector<const float*> next(std::max(P.tq, P.tk));
+    std::vector<Block> blocks;
     for (int64_t it = begin; it < end; ++it) {
         const int64_t h = it % P.hq, t = it / P.hq % P.T, b = it / P.hq / P.T, hk = h / group;
         rows_of(P.q, b, t, h, P.tq, w.qr.data());
@@ -292,41 +321,54 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
             prefetch(next.data(), P.tk, P.dv);
         }
         transpose(w.kr.data(), P.tk, P.d, w.kt.data(), tkp);
-        if (P.q.idx)  // rows by pointer; evenly strided rows index faster (no pointer load per row)
-            logits(P, b, t, h, Rows{w.qr.data()}, w);
-        else
-            logits(P, b, t, h, Strided{w.qr[0], P.q.sr}, w);
-        for (int64_t i = 0; i < P.tq; ++i) {  // softmax in place (unnormalised), 1 / sum kept for the output
-            float* s = w.S.data() + i * tkp;
-            float* lse = P.lse.row(b, t, h, i, P.tq);
-            vf mv = splat(-INFINITY);
-            for (int64_t j = 0; j < tkp; j += VL) mv = vmax(mv, load(s + j));
-            const float m = hmax(mv) * sc;
-            if (m == -INFINITY) {  // the query sees no key: output 0, lse -inf
-                std::memset(s, 0, tkp * sizeof(float));
-                w.inv[i] = 0.0f;
-                if (valid(P, t, i)) *lse = -INFINITY;
+        if (P.dv % VL) copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);  // value rows padded to whole vectors
+        row_blocks(P, t, blocks);
+        for (const Block& k : blocks) {
+            const int64_t rows = k.i1 - k.i0, kend = std::min(k.j1, P.tk);  // value rows stop at tk
+            if (k.j0 >= k.j1) {  // nothing visible: output 0, lse -inf
+                for (int64_t i = k.i0; i < k.i1; ++i) {
+                    w.inv[i] = 0.0f;
+                    std::memset(w.acc.data() + i * dvp, 0, dvp * sizeof(float));
+                    if (valid(P, t, i)) *P.lse.row(b, t, h, i, P.tq) = -INFINITY;
+                }
                 continue;
             }
-            vf sum = splat(0.0f);
-            const vf mm = splat(m);
-            for (int64_t j = 0; j < tkp; j += VL) {
-                vf e = vexp(load(s + j) * sc - mm);
-                store(s + j, e);
-                sum += e;
+            if (P.q.idx)  // rows by pointer; evenly strided rows index faster (no pointer load per row)
+                logits(P, b, t, h, Rows{w.qr.data() + k.i0}, k, w);
+            else
+                logits(P, b, t, h, Strided{w.qr[0] + k.i0 * P.q.sr, P.q.sr}, k, w);
+            for (int64_t i = k.i0; i < k.i1; ++i) {  // softmax in place (unnormalised), 1 / sum kept
+                float* s = w.S.data() + i * tkp;
+                float* lse = P.lse.row(b, t, h, i, P.tq);
+                vf mv = splat(-INFINITY);
+                for (int64_t j = k.j0; j < k.j1; j += VL) mv = vmax(mv, load(s + j));
+                const float m = hmax(mv) * sc;
+                if (m == -INFINITY) {  // the query sees no key: output 0, lse -inf
+                    for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, splat(0.0f));
+                    w.inv[i] = 0.0f;
+                    if (valid(P, t, i)) *lse = -INFINITY;
+                    continue;
+                }
+                vf sum = splat(0.0f);
+                const vf mm = splat(m);
+                for (int64_t j = k.j0; j < k.j1; j += VL) {
+                    vf e = vexp(load(s + j) * sc - mm);
+                    store(s + j, e);
+                    sum += e;
+                }
+                const float l = hsum(sum);
+                w.inv[i] = 1.0f / l;
+                if (valid(P, t, i)) *lse = m + std::log(l);
             }
-            const float l = hsum(sum);
-            w.inv[i] = 1.0f / l;
-            if (valid(P, t, i)) *lse = m + std::log(l);
-        }
-        const Strided p{w.S.data(), tkp};
-        if (P.dv % VL == 0 && !P.v.idx) {  // value rows read in place
-            gemm(P.tq, dvp, P.tk, p, Strided{w.vr[0], P.v.sr}, w.acc.data(), dvp, false);
-        } else if (P.dv % VL == 0) {
-            gemm(P.tq, dvp, P.tk, p, Rows{w.vr.data()}, w.acc.data(), dvp, false);
-        } else {
-            copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);
-            gemm(P.tq, dvp, P.tk, p, Strided{w.vb.data(), dvp}, w.acc.data(), dvp, false);
+            const Strided p{w.S.data() + k.i0 * tkp + k.j0, tkp};
+            float* acc = w.acc.data() + k.i0 * dvp;
+            if (P.dv % VL) {
+                gemm(rows, dvp, kend - k.j0, p, Strided{w.vb.data() + k.j0 * dvp, dvp}, acc, dvp, false);
+            } else if (P.v.idx) {  // value rows read in place
+                gemm(rows, dvp, kend - k.j0, p, Rows{w.vr.data() + k.j0}, acc, dvp, false);
+            } else {
+                gemm(rows, dvp, kend - k.j0, p, Strided{w.vr[0] + k.j0 * P.v.sr, P.v.sr}, acc, dvp, false);
+            }
         }
         for (int64_t i = 0; i < P.tq; ++i) {
             if (!valid(P, t, i)) continue;
@@ -360,7 +402,7 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
                 rows_of(P.q, b, t, h, P.tq, w.qr.data());
                 copy_rows(w.qr.data(), P.tq, P.d, w.qb.data(), dp);
-                logits(P, b, t, h, Strided{w.qb.data(), dp}, w);
+                logits(P, b, t, h, Strided{w.qb.data(), dp}, Block{0, P.tq, 0, tkp}, w);
                 rows_of(P.dout, b, t, h, P.tq, w.dor.data());
                 for (int64_t i = 0; i < P.tq; ++i) {  // p = exp(s - lse); delta = rowsum(dO * O) - dlse
                     float* s = w.S.data() + i * tkp;
@@ -458,12 +500,14 @@ extern "C" {
 
 // sizes: [B, T, hq, hkv, tq, tk, d, dv, kpm batch stride]. ptrs and strides (4 per operand: batch, tile, head, row),
 // in this order: q, k, v, mask, o, lse. q_index (T, tq) and k_index (T, tk) may be null (rows are then the tile's
-// own rows i); q_index also addresses o and lse. q_valid (T, tq) and kpm may be null.
+// own rows i); q_index also addresses o and lse. q_valid (T, tq), kpm and k_range (T, tq, 2: the key slots each
+// query may see, a superset of what the mask keeps) may be null.
 int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                          const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
-                         int threads) {
+                         const int32_t* k_range, int threads) {
     Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm);
     P.o = op<float>(ptrs, strides, 4, q_index);
+    P.krange = k_range;
     parallel(P.B * P.T * P.hq, threads, [&](int64_t a, int64_t b) { forward_range(P, a, b); });
     return 0;
 }
