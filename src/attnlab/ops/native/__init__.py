@@ -72,8 +72,8 @@ def _build() -> ctypes.CDLL:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(target))
     p, f, i = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    lib.attnlab_tile_forward.argtypes = [p, p, p, f, p, p, p, p, p, i]
-    lib.attnlab_tile_backward.argtypes = [p, p, p, f, p, p, p, p, i]
+    for fn in (lib.attnlab_tile_forward, lib.attnlab_tile_backward):
+        fn.argtypes = [p, p, p, f, p, p, p, p, p, i]
     lib.attnlab_tile_forward.restype = lib.attnlab_tile_backward.restype = i
     return lib
 
@@ -231,7 +231,7 @@ class _Geometry:
     """Where each tile's rows are: ``B`` batch elements of ``T`` tiles; ``q_index (T, tq)`` / ``k_index (T, tk)``
     token positions (None: the operands are already tiles, ``B`` counting them), ``q_valid (T, tq)`` uint8,
     ``kpm (B, Nk)`` uint8 (1 = key kept), ``k_range (T, tq, 2)`` int32: the key slots ``[first, last)`` each query
-    may see (the forward skips the rest of its tile's region)."""
+    may see (forward and backward skip the rest of its tile's region)."""
 
     def __init__(self, B, T, tq, tk, q_index=None, k_index=None, q_valid=None, kpm=None, k_range=None):
         self.B, self.T, self.tq, self.tk = B, T, tq, tk
@@ -239,14 +239,13 @@ class _Geometry:
         self.k_range = k_range
 
     def call(self, fn, ops: list[Tensor | None], strides: list[int], D: int, Dv: int, Hq: int, Hkv: int,
-             scale: float, forward: bool) -> None:
+             scale: float) -> None:
         sizes = torch.tensor([self.B, self.T, Hq, Hkv, self.tq, self.tk, D, Dv,
                               0 if self.kpm is None else self.kpm.stride(0)], dtype=torch.int64)
         st = torch.tensor(strides, dtype=torch.int64)
         ptrs = (ctypes.c_void_p * len(ops))(*[_ptr(t) for t in ops])
-        rest = (_ptr(self.k_range),) if forward else ()
         fn(sizes.data_ptr(), st.data_ptr(), ptrs, scale, _ptr(self.q_index), _ptr(self.k_index),
-           _ptr(self.q_valid), _ptr(self.kpm), *rest, torch.get_num_threads())
+           _ptr(self.q_valid), _ptr(self.kpm), _ptr(self.k_range), torch.get_num_threads())
 
 
 class _Fused(torch.autograd.Function):
@@ -260,8 +259,7 @@ class _Fused(torch.autograd.Function):
         o = _POOL.empty(B, rows, Hq, Dv).transpose(1, 2)
         lse = torch.empty(B, Hq, rows, dtype=q.dtype)
         geo.call(_LIB.attnlab_tile_forward, [q, k, v, mask, o, lse],
-                 _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None]), D, Dv, Hq, Hkv, scale,
-                 forward=True)
+                 _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None]), D, Dv, Hq, Hkv, scale)
         ctx.save_for_backward(q, k, v, mask, o, lse)
         ctx.scale, ctx.geo = scale, geo
         return o, lse
@@ -283,7 +281,7 @@ class _Fused(torch.autograd.Function):
         geo.call(_LIB.attnlab_tile_backward, [q, k, v, m, o, lse, do, dlse, dq, dk, dv, dm],
                  _op(q) + _op(k) + _op(v) + _mask_op(m) + _op(o) + _op(lse[..., None]) + _op(do)
                  + _op(None if dlse is None else dlse[..., None]) + _op(dq) + _op(dk) + _op(dv) + [0] * 4,
-                 D, Dv, Hq, Hkv, ctx.scale, forward=False)
+                 D, Dv, Hq, Hkv, ctx.scale)
         dmask = dm.sum_to_size(m.shape) if want_mask else None
         return dq, dk, dv, dmask, None, None, None
 

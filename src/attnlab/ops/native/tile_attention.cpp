@@ -245,6 +245,26 @@ void rows_of(const Op<T>& op, int64_t b, int64_t t, int64_t h, int64_t n, const 
     for (int64_t i = 0; i < n; ++i) out[i] = op.row(b, t, h, i, n);
 }
 
+// Row helpers over n floats: whole vectors, then the tail.
+inline float dot(const float* a, const float* b, int64_t n) {
+    vf acc = splat(0.0f);
+    int64_t c = 0;
+    for (; c + VL <= n; c += VL) acc += load(a + c) * load(b + c);
+    float r = hsum(acc);
+    for (; c < n; ++c) r += a[c] * b[c];
+    return r;
+}
+inline void scaled_to(float* dst, const float* src, float s, int64_t n) {  // dst = s * src
+    int64_t c = 0;
+    for (; c + VL <= n; c += VL) store(dst + c, load(src + c) * s);
+    for (; c < n; ++c) dst[c] = src[c] * s;
+}
+inline void scaled_add(float* dst, const float* src, float s, int64_t n) {  // dst += s * src
+    int64_t c = 0;
+    for (; c + VL <= n; c += VL) store(dst + c, load(dst + c) + load(src + c) * s);
+    for (; c < n; ++c) dst[c] += src[c] * s;
+}
+
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
     for (int64_t r = 0; r < n; ++r)
         for (int64_t c = 0; c < cols; c += 64 / sizeof(float))
@@ -372,12 +392,7 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
         }
         for (int64_t i = 0; i < P.tq; ++i) {
             if (!valid(P, t, i)) continue;
-            const float* a = w.acc.data() + i * dvp;
-            float* oi = P.o.row(b, t, h, i, P.tq);
-            const vf iv = splat(w.inv[i]);
-            int64_t c = 0;
-            for (; c + VL <= P.dv; c += VL) store(oi + c, load(a + c) * iv);
-            for (; c < P.dv; ++c) oi[c] = a[c] * w.inv[i];
+            scaled_to(P.o.row(b, t, h, i, P.tq), w.acc.data() + i * dvp, w.inv[i], P.dv);
         }
     }
 }
@@ -386,6 +401,7 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
 // into the same dk, dv rows, so one thread owns each (batch, kv head) and the += are race-free.
 void backward_range(const Problem& P, int64_t begin, int64_t end) {
     Work w(P, true);
+    std::vector<Block> blocks;
     const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
     const int64_t group = P.hq / P.hkv;
     const float sc = pending_scale(P);
@@ -399,42 +415,57 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
             copy_rows(w.kr.data(), P.tk, P.d, w.kb.data(), dp);
             std::fill(w.dka.begin(), w.dka.end(), 0.0f);
             std::fill(w.dva.begin(), w.dva.end(), 0.0f);
+            row_blocks(P, t, blocks);
             for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
                 rows_of(P.q, b, t, h, P.tq, w.qr.data());
                 copy_rows(w.qr.data(), P.tq, P.d, w.qb.data(), dp);
-                logits(P, b, t, h, Strided{w.qb.data(), dp}, Block{0, P.tq, 0, tkp}, w);
                 rows_of(P.dout, b, t, h, P.tq, w.dor.data());
-                for (int64_t i = 0; i < P.tq; ++i) {  // p = exp(s - lse); delta = rowsum(dO * O) - dlse
-                    float* s = w.S.data() + i * tkp;
-                    const float lse = *P.lse.row(b, t, h, i, P.tq);
-                    if (lse == -INFINITY || !valid(P, t, i)) {  // padding slots (copies of a real query) add nothing
-                        std::memset(s, 0, tkp * sizeof(float));
-                    } else {
-                        const vf l = splat(lse);
-                        for (int64_t j = 0; j < tkp; j += VL) store(s + j, vexp(load(s + j) * sc - l));
-                    }
-                    const float* o = P.out.row(b, t, h, i, P.tq);
-                    float dd = 0.0f;
-                    for (int64_t c = 0; c < P.dv; ++c) dd += w.dor[i][c] * o[c];
-                    w.delta[i] = P.dlse.p ? dd - *P.dlse.row(b, t, h, i, P.tq) : dd;  // d lse / d s = p
-                }
                 copy_rows(w.dor.data(), P.tq, P.dv, w.dob.data(), dvp);
-                gemm(P.tq, tkp, P.dv, w.dob.data(), dvp, w.vt.data(), tkp, w.dS.data(), tkp, false);  // dP = dO v^T
-                for (int64_t i = 0; i < P.tq; ++i) {  // dS = P (dP - delta)
-                    float* ds = w.dS.data() + i * tkp;
-                    const float* p = w.S.data() + i * tkp;
-                    const vf di = splat(w.delta[i]);
-                    for (int64_t j = 0; j < tkp; j += VL) store(ds + j, load(p + j) * (load(ds + j) - di));
+                for (const Block& k : blocks) {  // p, dS and dq over the key columns each block of rows sees
+                    const int64_t rows = k.i1 - k.i0, kend = std::min(k.j1, P.tk);
+                    for (int64_t i = k.i0; i < k.i1; ++i) {  // zero outside the block's columns
+                        for (float* m : {w.S.data() + i * tkp, w.dS.data() + i * tkp}) {
+                            std::memset(m, 0, k.j0 * sizeof(float));
+                            std::memset(m + k.j1, 0, (tkp - k.j1) * sizeof(float));
+                        }
+                    }
+                    if (k.j0 >= k.j1) {  // no row of the block sees a key: no gradient through it
+                        std::memset(w.dqa.data() + k.i0 * dp, 0, rows * dp * sizeof(float));
+                        continue;
+                    }
+                    logits(P, b, t, h, Strided{w.qb.data() + k.i0 * dp, dp}, k, w);
+                    for (int64_t i = k.i0; i < k.i1; ++i) {  // p = exp(s - lse); delta = rowsum(dO * O) - dlse
+                        float* s = w.S.data() + i * tkp;
+                        const float lse = *P.lse.row(b, t, h, i, P.tq);
+                        if (lse == -INFINITY || !valid(P, t, i)) {  // padding slots (copies of a real query): none
+                            for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, splat(0.0f));
+                        } else {
+                            const vf l = splat(lse);
+                            for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, vexp(load(s + j) * sc - l));
+                        }
+                        const float dd = dot(w.dor[i], P.out.row(b, t, h, i, P.tq), P.dv);
+                        w.delta[i] = P.dlse.p ? dd - *P.dlse.row(b, t, h, i, P.tq) : dd;  // d lse / d s = p
+                    }
+                    float* dsb = w.dS.data() + k.i0 * tkp + k.j0;  // dP = dO v^T, then dS = P (dP - delta)
+                    gemm(rows, k.j1 - k.j0, P.dv, Strided{w.dob.data() + k.i0 * dvp, dvp},
+                         Strided{w.vt.data() + k.j0, tkp}, dsb, tkp, false);
+                    for (int64_t i = k.i0; i < k.i1; ++i) {
+                        float* ds = w.dS.data() + i * tkp;
+                        const float* p = w.S.data() + i * tkp;
+                        const vf di = splat(w.delta[i]);
+                        for (int64_t j = k.j0; j < k.j1; j += VL) store(ds + j, load(p + j) * (load(ds + j) - di));
+                    }
+                    gemm(rows, dp, kend - k.j0, Strided{dsb, tkp}, Strided{w.kb.data() + k.j0 * dp, dp},
+                         w.dqa.data() + k.i0 * dp, dp, false);  // dq = scale dS k
                 }
                 if (P.dmask) {
                     float* dm = P.dmask + (((b * P.T + t) * P.hq + h) * P.tq) * P.tk;
                     for (int64_t i = 0; i < P.tq; ++i) std::memcpy(dm + i * P.tk, w.dS.data() + i * tkp, P.tk * 4);
                 }
-                gemm(P.tq, dp, P.tk, w.dS.data(), tkp, w.kb.data(), dp, w.dqa.data(), dp, false);  // dq = scale dS k
                 for (int64_t i = 0; i < P.tq; ++i) {
                     if (!valid(P, t, i)) continue;
                     float* dq = P.dq.row(b, t, h, i, P.tq);
-                    for (int64_t c = 0; c < P.d; ++c) dq[c] = w.dqa[i * dp + c] * P.scale;
+                    scaled_to(dq, w.dqa.data() + i * dp, P.scale, P.d);
                 }
                 {  // dv += P^T dO, dk += dS^T q (scaled when written)
                     std::vector<const float*>& rp = w.qr;  // reuse as row pointers into S / dS
@@ -449,8 +480,8 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
             for (int64_t j = 0; j < P.tk; ++j) {  // into the (possibly shared) key rows
                 float* dk = P.dk.row(b, t, hk, j, P.tk);
                 float* dv = P.dvv.row(b, t, hk, j, P.tk);
-                for (int64_t c = 0; c < P.d; ++c) dk[c] += w.dka[j * dp + c] * P.scale;
-                for (int64_t c = 0; c < P.dv; ++c) dv[c] += w.dva[j * dvp + c];
+                scaled_add(dk, w.dka.data() + j * dp, P.scale, P.d);
+                scaled_add(dv, w.dva.data() + j * dvp, 1.0f, P.dv);
             }
         }
     }
@@ -516,8 +547,9 @@ int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* con
 // keys are shared between tiles) and dmask (optional, contiguous (B, T, hq, tq, tk); its strides are ignored).
 int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                           const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
-                          int threads) {
+                          const int32_t* k_range, int threads) {
     Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm);
+    P.krange = k_range;
     P.out = op<const float>(ptrs, strides, 4, q_index);
     P.dout = op<const float>(ptrs, strides, 6, q_index);
     P.dlse = op<const float>(ptrs, strides, 7, q_index);
