@@ -265,3 +265,23 @@ def test_key_ranges_bound_every_visible_key():
         for i in range(5):
             seen = keep[t, i].nonzero().flatten().tolist()
             assert tuple(r[t, i].tolist()) == ((seen[0], seen[-1] + 1) if seen else (0, 0))
+
+
+@needs_kernel
+def test_a_mask_that_is_not_4d_is_refused_with_its_shape():
+    q, k, v = tiles(2, 2, 2, 4, 4, 16, 16)
+    with pytest.raises(ValueError, match=r"4-D mask .* got \(4, 4\)"):
+        native.tile_attention(q, k, v, torch.zeros(4, 4))
+
+
+def test_the_built_library_is_reused_not_rebuilt(fresh_state, monkeypatch):
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    native._build()
+    (lib,) = (native.cache_dir() / "kernels").glob("tile_attention-*.so")
+    stamp = lib.stat().st_mtime_ns
+    calls = []
+    real_run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **kw: calls.append(a) or real_run(*a, **kw))
+    native._build()  # same source, flags and CPU: the cached library, no compiler call
+    assert not calls and lib.stat().st_mtime_ns == stamp
