@@ -20,3 +20,10 @@ class UnsupportedError(NotImplementedError):
 def shape_error(what: str, expected: str, received: object) -> ValueError:
     """A ValueError that says what was expected and what was received."""
     return ValueError(f"{what}: expected {expected}, received {received}")
+
+
+def positive_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else the ValueError that says so."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise shape_error(name, f"an integer >= {minimum}", repr(value))
+    return value

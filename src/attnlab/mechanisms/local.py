@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..errors import shape_error
+from ..errors import positive_int, shape_error
 from ..ops import attention, native, reference_attention
 from ..ops.window import (
     TilePlan, attention_tiles, band_mask, band_plan, block_mask, block_plan, combine_masks, combine_plans, dense_plan,
@@ -50,23 +50,17 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise shape_error(name, f"an integer >= {minimum}", repr(value))
-    return value
-
-
 def _pair(name: str, value, minimum: int = 1) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = (value, value)
     if not (isinstance(value, (tuple, list)) and len(value) == 2):
         raise shape_error(name, "an int or a pair of ints", repr(value))
-    return _int(name, value[0], minimum), _int(name, value[1], minimum)
+    return positive_int(name, value[0], minimum), positive_int(name, value[1], minimum)
 
 
 def _head_dim(dim: int, heads: int, head_dim: int | None) -> int:
-    _int("dim", dim)
-    _int("heads", heads)
+    positive_int("dim", dim)
+    positive_int("heads", heads)
     hd = head_dim if head_dim is not None else dim // heads
     if hd < 1:
         raise shape_error("head_dim", "dim // heads >= 1 (or an explicit head_dim)", (dim, heads))
@@ -237,8 +231,8 @@ class SlidingWindowAttention(MultiHeadAttention):
     def __init__(self, dim: int, heads: int = 8, *, window: int = 256, tile: int | None = None,
                  backend: str = "fast", **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        self.window = _int("window", window, 0)
-        self.tile = None if tile is None else _int("tile", tile)
+        self.window = positive_int("window", window, 0)
+        self.tile = None if tile is None else positive_int("tile", tile)
         self.backend = _check_backend(backend)
 
     def attend(self, x, *, causal, key_padding_mask, hw, cache: KVCache | None):
@@ -588,7 +582,7 @@ class CSWinAttention(_WindowMechanism):
                  head_dim: int | None = None, qkv_bias: bool = False, backend: str = "fast") -> None:
         super().__init__()
         self._init_proj(dim, heads, head_dim, qkv_bias, backend)
-        self.split_size = _int("split_size", split_size)
+        self.split_size = positive_int("split_size", split_size)
         width = heads * self.head_dim
         self.lepe = nn.Conv2d(width, width, 3, padding=1, groups=width) if lepe else None
 
@@ -751,7 +745,7 @@ class StripSelfAttention(Mechanism):
         if not (isinstance(qk_ratio, (int, float)) and 0 < qk_ratio <= 1):
             raise shape_error("qk_ratio", "a number in (0, 1]", repr(qk_ratio))
         self.qk_dim = max(1, round(self.head_dim * qk_ratio))
-        self.sr_ratio = _int("sr_ratio", sr_ratio)
+        self.sr_ratio = positive_int("sr_ratio", sr_ratio)
         self.backend = _check_backend(backend)
         self.q = nn.Linear(dim, heads * self.qk_dim, bias=qkv_bias)
         self.k = nn.Linear(dim, heads * self.qk_dim, bias=qkv_bias)
@@ -843,14 +837,14 @@ class HiLoAttention(Mechanism):
     def __init__(self, dim: int, heads: int = 8, *, window_size: int = 2, alpha: float = 0.5,
                  qkv_bias: bool = False, backend: str = "fast") -> None:
         super().__init__()
-        _int("dim", dim)
-        _int("heads", heads)
+        positive_int("dim", dim)
+        positive_int("heads", heads)
         if dim % heads:
             raise shape_error("dim", f"a multiple of heads = {heads} (HiLo concatenates head outputs to dim)", dim)
         if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
             raise shape_error("alpha", "a fraction in [0, 1]", repr(alpha))
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
-        self.window_size = _int("window_size", window_size)
+        self.window_size = positive_int("window_size", window_size)
         self.backend = _check_backend(backend)
         self.h_heads, self.l_heads = _hilo_split(heads, self.window_size, alpha)
         hd = self.head_dim
@@ -945,11 +939,11 @@ class DualAttention(Mechanism):
         super().__init__()
         if mode not in _DAVIT_MODES:
             raise shape_error("mode", f"one of {_DAVIT_MODES}", repr(mode))
-        _int("heads", heads)
+        positive_int("heads", heads)
         if dim % heads:
             raise shape_error("dim", f"a multiple of heads = {heads} (channel groups)", dim)
         self.dim, self.heads, self.head_dim, self.mode = dim, heads, dim // heads, mode
-        self.window_size = _int("window_size", window_size)
+        self.window_size = positive_int("window_size", window_size)
         self.backend = _check_backend(backend)
         if mode in ("dual", "spatial"):
             self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -1033,12 +1027,12 @@ class L2ViTAttention(Mechanism):
             raise shape_error("branch", f"one of {_L2VIT_BRANCHES}", repr(branch))
         self.dim, self.heads, self.branch = dim, heads, branch
         self.head_dim = _head_dim(dim, heads, head_dim)
-        self.window_size = _int("window_size", window_size)
+        self.window_size = positive_int("window_size", window_size)
         self.backend = _check_backend(backend)
         self.qkv = nn.Linear(dim, 3 * heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(heads * self.head_dim, dim)
         if branch == "global":
-            k = _int("lcm_kernel", lcm_kernel)
+            k = positive_int("lcm_kernel", lcm_kernel)
             self.temperature = nn.Parameter(torch.full((heads, 1, 1), self.head_dim ** -0.5))
             self.lcm_norm = nn.LayerNorm(dim)
             self.lcm = nn.Sequential(
@@ -1121,8 +1115,8 @@ class ScaleWiseAttention(Mechanism):
             raise shape_error("mode", f"one of {_DUO_MODES}", repr(mode))
         self.dim, self.heads, self.mode = dim, heads, mode
         self.head_dim = _head_dim(dim, heads, head_dim)
-        self.scales = _int("scales", scales)
-        self.region = _int("region", region)
+        self.scales = positive_int("scales", scales)
+        self.region = positive_int("region", region)
         if self.region % 2 ** (self.scales - 1):
             raise shape_error("region", f"a multiple of 2^(scales-1) = {2 ** (self.scales - 1)}", region)
         self.backend = _check_backend(backend)
@@ -1258,7 +1252,7 @@ class MedusaAttention(Mechanism):
         super().__init__()
         self.dim, self.heads = dim, heads
         self.head_dim = _head_dim(dim, heads, head_dim)
-        self.scales = _int("scales", scales)
+        self.scales = positive_int("scales", scales)
         if self.scales > heads:
             raise shape_error("scales", f"at most heads = {heads} (every scale needs a head)", scales)
         self.backend = _check_backend(backend)
@@ -1335,8 +1329,8 @@ class ChannelAdaptiveAttention(MultiHeadAttention):
     def __init__(self, dim: int, heads: int = 8, *, tokens_per_channel: int = 196, max_channels: int = 10,
                  **kwargs) -> None:
         super().__init__(dim, heads, **kwargs)
-        self.tokens_per_channel = _int("tokens_per_channel", tokens_per_channel)
-        self.max_channels = _int("max_channels", max_channels)
+        self.tokens_per_channel = positive_int("tokens_per_channel", tokens_per_channel)
+        self.max_channels = positive_int("max_channels", max_channels)
         self.channel_embed = nn.Parameter(torch.empty(self.max_channels, dim))
         self.pos_embed = nn.Parameter(torch.empty(self.tokens_per_channel, dim))
         nn.init.trunc_normal_(self.channel_embed, std=0.02)

@@ -52,12 +52,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from ..errors import shape_error
+from ..errors import positive_int, shape_error
 from . import native
 from .softmax import attention, check_inputs
 
 __all__ = [
-    "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "block_plan", "rolled_block_plan", "combine_plans", "raster_causal",
+    "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "block_plan", "rolled_block_plan", "combine_plans",
+    "raster_causal",
     "band_mask", "neighborhood_mask", "block_mask", "combine_masks",
     "tiled_attention", "tile_attention", "attention_tiles", "release_workspace", "gather_tiles", "scatter_tiles",
     "gather_rows", "scatter_rows",
@@ -68,12 +69,6 @@ __all__ = [
 # Plans and masks are cached per size. They hold O(N * tk) tensors (tens of MB at N = 8k), so the caches stay small:
 # a model sees few distinct sizes, and an evicted plan is rebuilt in milliseconds.
 _CACHE = 32
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise shape_error(name, f"an integer >= {minimum}", repr(value))
-    return value
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -165,14 +160,14 @@ def band_plan(q_len: int, k_len: int, left: int, right: int, tile: int | None = 
     one. Tiles of ``tile`` queries (default from the window span) attend to a region of
     ``min(tile + left + right, k_len)`` keys, shifted inside ``[0, k_len)`` so that no key slot is out of range.
     """
-    _positive_int("band_plan q_len", q_len, 0)
-    _positive_int("band_plan k_len", k_len, 1)
-    _positive_int("band_plan left", left, 0)
-    _positive_int("band_plan right", right, 0)
+    positive_int("band_plan q_len", q_len, 0)
+    positive_int("band_plan k_len", k_len, 1)
+    positive_int("band_plan left", left, 0)
+    positive_int("band_plan right", right, 0)
     if q_len == 0:
         raise shape_error("band_plan q_len", "at least one query", q_len)
     left, right = min(left, k_len - 1), min(right, k_len - 1)
-    tile = min(_positive_int("band_plan tile", tile) if tile is not None else _auto_tile(left + right + 1), q_len)
+    tile = min(positive_int("band_plan tile", tile) if tile is not None else _auto_tile(left + right + 1), q_len)
     off = k_len - q_len
     T = -(-q_len // tile)
     slots = torch.arange(T * tile).view(T, tile)
@@ -202,7 +197,7 @@ def band_plan(q_len: int, k_len: int, left: int, right: int, tile: int | None = 
 def dense_plan(q_len: int, k_len: int, tile: int) -> TilePlan:
     """Every query sees every key, in query tiles of ``tile``: full attention as tiles (for the fused kernel, e.g.
     queries and keys of another width than the values, which SDPA's fused kernel does not take)."""
-    tile = _positive_int("tile", tile)
+    tile = positive_int("tile", tile)
     T = -(-q_len // tile)
     slots = torch.arange(T * tile)
     return _finish(q_len, k_len, slots.clamp(max=q_len - 1).view(T, tile), (slots < q_len).view(T, tile),
@@ -216,17 +211,17 @@ def neighborhood_plan(length: int, kernel: int, dilation: int = 1, causal: bool 
 
     Positions split into ``dilation`` interleaved groups (``p % dilation``); inside a group of length ``L_g`` query
     ``u`` sees the ``k_g = min(kernel, L_g)`` keys starting at ``clamp(u - kernel // 2, 0, L_g - k_g)``: the window
-    keeps its size and shifts inward at the borders. Causal: keys ``max(0, u - kernel + 1) .. u``. A kernel larger than the axis
-    is clamped (the neighborhood becomes the whole group), so ``kernel >= length`` with ``dilation = 1`` is exact
-    attention.
+    keeps its size and shifts inward at the borders. Causal: keys ``max(0, u - kernel + 1) .. u``. A kernel larger
+    than the axis is clamped (the neighborhood becomes the whole group), so ``kernel >= length`` with
+    ``dilation = 1`` is exact attention.
     """
-    L = _positive_int("neighborhood length", length)
-    kernel = _positive_int("neighborhood kernel_size", kernel)
+    L = positive_int("neighborhood length", length)
+    kernel = positive_int("neighborhood kernel_size", kernel)
     if kernel % 2 == 0:
         raise shape_error("neighborhood kernel_size", "an odd integer (a centred window)", kernel)
-    d = min(_positive_int("neighborhood dilation", dilation), L)
+    d = min(positive_int("neighborhood dilation", dilation), L)
     Lmax = -(-L // d)
-    tile = min(_positive_int("neighborhood tile", tile) if tile is not None else _auto_tile(kernel), Lmax)
+    tile = min(positive_int("neighborhood tile", tile) if tile is not None else _auto_tile(kernel), Lmax)
     Tg = -(-Lmax // tile)
     tk = min(tile + min(kernel, Lmax) - 1, Lmax)
     g = torch.arange(d)[:, None, None]
@@ -272,9 +267,9 @@ def block_plan(length: int, block: int, shift: int = 0, halo: int = 0) -> TilePl
     what Swin's cyclic roll + attention mask computes). Every query of a block sees every key of
     ``[block start - halo, block end + halo)`` inside the axis (HaloNet). A block larger than the axis is clamped.
     """
-    L = _positive_int("block length", length)
-    b, lead = _block_geometry(L, _positive_int("block size", block), _positive_int("block shift", shift, 0))
-    h = min(_positive_int("block halo", halo, 0), L - 1) if b < L else 0
+    L = positive_int("block length", length)
+    b, lead = _block_geometry(L, positive_int("block size", block), positive_int("block shift", shift, 0))
+    h = min(positive_int("block halo", halo, 0), L - 1) if b < L else 0
     T = -(-(L + lead) // b)
     starts = torch.arange(T) * b - lead
     qpos = starts[:, None] + torch.arange(b)
@@ -295,8 +290,8 @@ def rolled_block_plan(length: int, block: int, shift: int) -> TilePlan:
     The roll costs nothing -- a tile's slots are just other positions. ``length`` must be a multiple of ``block``
     and ``0 < shift < block``.
     """
-    L, b = _positive_int("block length", length), _positive_int("block size", block)
-    shift = _positive_int("block shift", shift)
+    L, b = positive_int("block length", length), positive_int("block size", block)
+    shift = positive_int("block shift", shift)
     if L % b or shift >= b:
         raise shape_error("rolled_block_plan", "a length divisible by the block and 0 < shift < block",
                           f"length {L}, block {b}, shift {shift}")
@@ -445,18 +440,20 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
     ``q (B, Hq, q_len, D)``, ``k, v (B, Hkv, k_len, D[v])`` in flat (raster) order; GQA by broadcasting.
     ``key_padding_mask (B, k_len)`` bool, True = keep. ``bias``: additive logits (already scaled): a 4-D tensor
     broadcastable to ``(B*T, Hq, tq, tk)`` (e.g. ``(1, Hq, tq, tk)``, the same for every tile), a 5-D tensor
-    broadcastable to ``(B, T, Hq, tq, tk)``, or a function returning a 4-D tensor for given query tiles (content-dependent
-    relative positions): ``bias(qt)`` is called once with every tile ``(B*T, Hq, tq, D)``, ``bias(qt, tiles)`` per
-    group of tiles, ``tiles`` (a slice or an index tensor into the plan's tiles) saying which (preferred: groups
-    keep temporaries small). A query that sees no key returns 0.
+    broadcastable to ``(B, T, Hq, tq, tk)``, or a function returning a 4-D tensor for given query tiles
+    (content-dependent relative positions): ``bias(qt)`` is called once with every tile ``(B*T, Hq, tq, D)``,
+    ``bias(qt, tiles)`` per group of tiles, ``tiles`` (a slice or an index tensor into the plan's tiles) saying which
+    (preferred: groups keep temporaries small). A query that sees no key returns 0.
     Returns ``(B, Hq, q_len, Dv)``, a transposed view of a token-major ``(B, q_len, Hq, Dv)`` tensor; with
     ``return_lse`` also the log-sum-exp ``(B, Hq, q_len)`` over each query's visible keys (float32/64, ``-inf``
     where none), to merge with attention over other key sets (computed by the chunked exact op: SDPA returns none).
 
-    Tiles are processed in groups whose gathered q / k / v tiles stay under ``_CHUNK_BYTES``: large temporaries
-    are fresh ``mmap`` pages the kernel must fault in and zero on every call (measured: gathering 100 MB of key
-    tiles took 150 ms fresh, 25 ms into warm memory); small ones are recycled by the allocator and stay in cache.
-    Each group is gathered, attended (one SDPA call, :func:`tile_attention`) and written to the output.
+    Float32 CPU tiles within ``native.MAX_TILE`` and no callable bias: the fused kernel reads every tile's rows in
+    place and writes the output (nothing gathered). Otherwise tiles are processed in groups whose gathered q / k / v
+    tiles stay under ``_CHUNK_BYTES``: large temporaries are fresh ``mmap`` pages the kernel must fault in and zero
+    on every call (measured: gathering 100 MB of key tiles took 150 ms fresh, 25 ms into warm memory); small ones
+    are recycled by the allocator and stay in cache. Each group is gathered, attended (:func:`attention_tiles`) and
+    written to the output.
     """
     s = check_inputs(q, k, v, key_padding_mask, None, scale)
     if s.q_len != plan.q_len or s.kv_len != plan.k_len:
@@ -475,8 +472,9 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
     whole = callable(bias) and not _takes_tiles(bias)  # bias(qt) expects every tile at once, in plan order
     groups, slots = _schedule(plan, whole or plan.k_window is not None)
     # bytes a tile gathers: its queries (unless in order), its keys and values (unless strided views)
-    row_bytes = q.element_size() * B * ((0 if in_order else tq * s.q_heads * s.head_dim)
-                                        + (0 if plan.k_window is not None else tk * s.kv_heads * (s.head_dim + s.v_dim)))
+    q_bytes = 0 if in_order else tq * s.q_heads * s.head_dim
+    kv_bytes = 0 if plan.k_window is not None else tk * s.kv_heads * (s.head_dim + s.v_dim)
+    row_bytes = q.element_size() * B * (q_bytes + kv_bytes)
     step = T if whole or row_bytes == 0 else max(1, _CHUNK_BYTES // row_bytes)
     reuse = not torch.is_grad_enabled() and not getattr(_WORKSPACE, "busy", False)
     outs, lses = [], []
@@ -514,19 +512,24 @@ def _tiled_native(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, B: int, scale
     """:func:`tiled_attention` by the fused kernel reading each tile's rows in place (nothing gathered, outputs
     written to their positions): the plan's mask and a tensor bias become one additive ``(B|1, T, Hq|1, tq, tk)``."""
     T = plan.tiles
-    mask = None if plan.keep is None else _additive_keep(plan, q.dtype, str(q.device)).unsqueeze(0)
+    q_valid, mask, ranges = _native_args(plan, q.dtype, str(q.device))
     if bias is not None:
         b = _fold_bias(bias, B, T).to(q.dtype)
         b = b.unsqueeze(0) if b.shape[0] == 1 else b.unflatten(0, (B, T))
         mask = b if mask is None else b + mask
-    ranges = None if plan.keep is None else _key_ranges(plan)
-    return native.indexed_attention(q, k, v, plan.q_index, plan.k_index, plan.q_valid, mask, key_padding_mask,
+    return native.indexed_attention(q, k, v, plan.q_index, plan.k_index, q_valid, mask, key_padding_mask,
                                     scale, return_lse, ranges)
 
 
 @lru_cache(maxsize=_CACHE)
-def _key_ranges(plan: TilePlan) -> Tensor:
-    return native.key_ranges(plan.keep)
+def _native_args(plan: TilePlan, dtype: torch.dtype, device: str):
+    """What the fused kernel needs of a plan besides its indices, prepared once per plan: the padding slots as uint8
+    (None when there are none), the mask as additive ``(1, T, 1, tq, tk)`` logits and each query's key range (both
+    None when every query sees its whole region)."""
+    q_valid = None if bool(plan.q_valid.all()) else plan.q_valid.to(torch.uint8)
+    if plan.keep is None:
+        return q_valid, None, None
+    return q_valid, _additive_keep(plan, dtype, device).unsqueeze(0), native.key_ranges(plan.keep)
 
 
 def _untile(parts: list[Tensor], B: int, rows: int, q_len: int, slots: Tensor | None) -> Tensor:

@@ -7,13 +7,13 @@ register-blocked vector code, forward and backward (the backward recomputes the 
 log-sum-exp).
 
 The C++ source has no PyTorch headers: it is compiled once per machine with ``g++ -O3 -march=native`` into
-``$ATTNLAB_CACHE/kernels`` (a second or two) and called through :mod:`ctypes` on the tensors' memory. When no
+``$ATTNLAB_CACHE/kernels`` (a few seconds) and called through :mod:`ctypes` on the tensors' memory. When no
 compiler is available, the build fails, or ``ATTNLAB_NATIVE=0`` is set, :func:`available` is False and callers keep
 their SDPA path; :func:`status` says why.
 
-Only float32 CPU tensors whose last dimension is contiguous are taken (:func:`supports`); everything else (float64
-for gradcheck, bf16, other devices) goes to SDPA, so the conformance suite's float64 checks test that path and the
-tests of this module compare this one with the reference on outputs and gradients.
+Only float32 CPU tensors are taken (:func:`supports`; a last dimension that is not contiguous is copied first);
+everything else (float64 for gradcheck, bf16, other devices) goes to SDPA, so the conformance suite's float64
+checks test that path and the tests of this module compare this one with the reference on outputs and gradients.
 """
 
 from __future__ import annotations
@@ -272,8 +272,9 @@ class _Fused(torch.autograd.Function):
         Hkv, Dv = k.shape[1], v.shape[3]
         do = _unit_last(do)
         dlse = None if dlse is None or not bool(dlse.any()) else dlse.contiguous()
-        # dq rows are written once each; dk, dv rows are added into (keys shared by tiles)
-        dq = _POOL.zeros(B, q.shape[2], Hq, D).transpose(1, 2)
+        # dq rows are written once each (every query is in exactly one valid slot); dk, dv rows are added into
+        # (keys shared by tiles), so they start at zero
+        dq = _POOL.empty(B, q.shape[2], Hq, D).transpose(1, 2)
         dk = _POOL.zeros(B, k.shape[2], Hkv, D).transpose(1, 2)
         dv = _POOL.zeros(B, k.shape[2], Hkv, Dv).transpose(1, 2)
         want_mask = m is not None and ctx.needs_input_grad[3]
@@ -340,7 +341,7 @@ def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index:
     tk = k_index.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     qi, ki = (i.to(torch.int64).contiguous() for i in (q_index, k_index))
-    qv = None if q_valid is None or bool(q_valid.all()) else q_valid.to(torch.uint8).contiguous()
+    qv = None if q_valid is None else q_valid.to(torch.uint8).contiguous()
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     m = None if mask is None else _unit_last(mask)
     q, k, v = (_unit_last(t) for t in (q, k, v))
