@@ -223,6 +223,11 @@ def _mask_op(m: Tensor | None) -> list[int]:
     return [s if n > 1 else 0 for s, n in zip(m.stride()[:4], m.shape[:4])]
 
 
+def _shared_strides(q, k, v, mask, o, lse) -> list[int]:
+    """The strides of the operands both kernel directions take first: q, k, v, mask, o, lse (a 1-column operand)."""
+    return _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None])
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -258,8 +263,8 @@ class _Fused(torch.autograd.Function):
         Hkv, Dv = k.shape[1], v.shape[3]
         o = _POOL.empty(B, rows, Hq, Dv).transpose(1, 2)
         lse = torch.empty(B, Hq, rows, dtype=q.dtype)
-        geo.call(_LIB.attnlab_tile_forward, [q, k, v, mask, o, lse],
-                 _op(q) + _op(k) + _op(v) + _mask_op(mask) + _op(o) + _op(lse[..., None]), D, Dv, Hq, Hkv, scale)
+        geo.call(_LIB.attnlab_tile_forward, [q, k, v, mask, o, lse], _shared_strides(q, k, v, mask, o, lse),
+                 D, Dv, Hq, Hkv, scale)
         ctx.save_for_backward(q, k, v, mask, o, lse)
         ctx.scale, ctx.geo = scale, geo
         return o, lse
@@ -280,8 +285,8 @@ class _Fused(torch.autograd.Function):
         want_mask = m is not None and ctx.needs_input_grad[3]
         dm = torch.empty(geo.B, geo.T, Hq, geo.tq, geo.tk, dtype=q.dtype) if want_mask else None
         geo.call(_LIB.attnlab_tile_backward, [q, k, v, m, o, lse, do, dlse, dq, dk, dv, dm],
-                 _op(q) + _op(k) + _op(v) + _mask_op(m) + _op(o) + _op(lse[..., None]) + _op(do)
-                 + _op(None if dlse is None else dlse[..., None]) + _op(dq) + _op(dk) + _op(dv) + [0] * 4,
+                 _shared_strides(q, k, v, m, o, lse) + _op(do) + _op(None if dlse is None else dlse[..., None])
+                 + _op(dq) + _op(dk) + _op(dv) + [0] * 4,
                  D, Dv, Hq, Hkv, ctx.scale)
         dmask = dm.sum_to_size(m.shape) if want_mask else None
         return dq, dk, dv, dmask, None, None, None

@@ -7,7 +7,8 @@
 // p v; the backward recomputes p from the saved log-sum-exp (the flash-attention recurrences, one block per tile).
 //
 // Built once per machine by attnlab/ops/native/__init__.py (g++ -O3 -march=native) and called through ctypes; no
-// PyTorch headers. Layout: every operand is a strided (tile, head, row, column) array with unit column stride.
+// PyTorch headers. Layout: every operand is a strided (batch, tile, head, row, column) array with unit column stride;
+// rows are addressed directly or through an index (tiles read in place from token-major tensors).
 // GCC vector extensions give 16-float vectors that compile to AVX-512, AVX2 or SSE, whatever the machine has.
 
 #include <algorithm>
@@ -217,10 +218,11 @@ struct Work {
     std::vector<const float*> qr, kr, vr, dor;
     Work(const Problem& P, bool backward) {
         const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
-        kt.resize(P.d * tkp); S.resize(P.tq * tkp); qb.resize(P.tq * dp); vb.resize(P.tk * dvp);
-        inv.resize(P.tq); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
+        kt.resize(P.d * tkp); S.resize(P.tq * tkp); inv.resize(P.tq); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
+        if (P.dv % VL) vb.resize(P.tk * dvp);  // value rows padded to whole vectors
         if (backward) {
-            vt.resize(P.dv * tkp); dS.resize(P.tq * tkp); Tb.resize(tkp * tqp); kb.resize(P.tk * dp);
+            qb.resize(P.tq * dp); vt.resize(P.dv * tkp); dS.resize(P.tq * tkp); Tb.resize(tkp * tqp);
+            kb.resize(P.tk * dp);
             dob.resize(P.tq * dvp); dqa.resize(P.tq * dp); dka.resize(P.tk * dp); dva.resize(P.tk * dvp);
             delta.resize(P.tq); dor.resize(P.tq);
         } else {
@@ -229,17 +231,10 @@ struct Work {
     }
 };
 
-struct Block;
-// logits of rows [i0, i1) x key columns [j0, j1) of one (b, t, h): S = q k^T from the q rows (the block's first row
-// first) and kt = k^T (d x tkp). With a mask the scale and the mask are applied here (S = scale q k^T + mask);
-// without one the caller folds the scale into the exponent. Padding keys (of the kpm, and past tk) are -inf.
-template <class AT>
-void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, const Block& k, Work& w);
-
 // The scale still to apply to S: 1 when logits() applied it with the mask.
 inline float pending_scale(const Problem& P) { return P.mask.p ? 1.0f : P.scale; }
 
-// Row pointers of (b, t, h) for an operand, and the padded copy of q.
+// Row pointers of (b, t, h) for an operand.
 template <class T>
 void rows_of(const Op<T>& op, int64_t b, int64_t t, int64_t h, int64_t n, const float** out) {
     for (int64_t i = 0; i < n; ++i) out[i] = op.row(b, t, h, i, n);
@@ -273,7 +268,6 @@ inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
 
 inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }
 
-// Work item w = ((b * T) + t) * hq + h: one query head of one tile. Output rows are distinct across items.
 // Row blocks of a tile and the key columns they need: [i0, i1) x [j0, j1), j0 and j1 multiples of VL. With
 // krange (a neighbourhood's or a band's tiles, where each query sees only part of its tile's region), blocks of
 // a few rows skip the key columns none of their rows sees; otherwise one block of every row and column.
@@ -296,6 +290,9 @@ void row_blocks(const Problem& P, int64_t t, std::vector<Block>& out) {
     }
 }
 
+// logits of rows [i0, i1) x key columns [j0, j1) of one (b, t, h): S = q k^T from the q rows (the block's first row
+// first) and kt = k^T (d x tkp). With a mask the scale and the mask are applied here (S = scale q k^T + mask);
+// without one the caller folds the scale into the exponent. Padding keys (of the kpm, and past tk) are -inf.
 template <class AT>
 void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, const Block& k, Work& w) {
     const int64_t tkp = round_up(P.tk), kend = std::min(k.j1, P.tk);
@@ -509,9 +506,9 @@ Op<T> op(void* const* ptrs, const int64_t* st, int i, const int64_t* idx) {
     return o;
 }
 
-// The operands both directions share: q, k, v, mask (slots 0-3) and lse (slot 5), the indices and masks.
+// What both directions share: q, k, v, mask (slots 0-3) and lse (slot 5), the indices, masks and key ranges.
 Problem problem(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale, const int64_t* q_index,
-                const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm) {
+                const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm, const int32_t* k_range) {
     Problem P{};
     P.B = sizes[0]; P.T = sizes[1]; P.hq = sizes[2]; P.hkv = sizes[3]; P.tq = sizes[4]; P.tk = sizes[5];
     P.d = sizes[6]; P.dv = sizes[7]; P.kpm_sb = sizes[8];
@@ -521,7 +518,7 @@ Problem problem(const int64_t* sizes, const int64_t* strides, void* const* ptrs,
     P.v = op<const float>(ptrs, strides, 2, k_index);
     P.mask = op<const float>(ptrs, strides, 3, nullptr);
     P.lse = op<float>(ptrs, strides, 5, q_index);
-    P.q_valid = q_valid; P.kpm = kpm;
+    P.q_valid = q_valid; P.kpm = kpm; P.krange = k_range;
     return P;
 }
 
@@ -536,9 +533,8 @@ extern "C" {
 int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                          const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
                          const int32_t* k_range, int threads) {
-    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm);
+    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm, k_range);
     P.o = op<float>(ptrs, strides, 4, q_index);
-    P.krange = k_range;
     parallel(P.B * P.T * P.hq, threads, [&](int64_t a, int64_t b) { forward_range(P, a, b); });
     return 0;
 }
@@ -548,8 +544,7 @@ int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* con
 int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                           const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
                           const int32_t* k_range, int threads) {
-    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm);
-    P.krange = k_range;
+    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm, k_range);
     P.out = op<const float>(ptrs, strides, 4, q_index);
     P.dout = op<const float>(ptrs, strides, 6, q_index);
     P.dlse = op<const float>(ptrs, strides, 7, q_index);
