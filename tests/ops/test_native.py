@@ -183,7 +183,7 @@ def test_environment_switch_disables_the_kernel(fresh_state, monkeypatch):
 def test_a_compile_error_is_reported_not_raised(fresh_state, monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(native, "_SOURCE", broken)
+    monkeypatch.setattr(native, "_SOURCES", (broken,))
     if shutil.which("g++") is None:
         pytest.skip("no g++")
     assert not native.available()

@@ -28,8 +28,9 @@ from ..errors import positive_int, shape_error
 from ..ops import attention, native, reference_attention
 from ..ops.window import (
     TilePlan, attention_tiles, band_mask, band_plan, block_mask, block_plan, combine_masks, combine_plans, dense_plan,
-    gather_rows, neighborhood_mask, neighborhood_plan, raster_causal, rolled_block_plan, scatter_rows, tile_attention,
-    tiled_attention, window_expand, window_mean, window_partition, window_reverse, window_valid, windowed,
+    gather_rows, neighborhood_mask, neighborhood_plan, neighborhood_starts, raster_causal, rolled_block_plan,
+    scatter_rows, tile_attention, tiled_attention, window_expand, window_mean, window_partition, window_reverse,
+    window_valid, windowed,
 )
 from ..registry import Caps, register
 from .base import Mechanism
@@ -351,12 +352,39 @@ class NeighborhoodAttention(Mechanism):
     def attend(self, x, *, causal, key_padding_mask, hw, cache):
         grid = (x.shape[1],) if hw is None else tuple(hw)
         kernel, dilation, tile = self._axes(grid)
+        if self.backend == "fast" and not causal and self.tile == (None, None):
+            y = self._per_query(x, grid, kernel, dilation)
+            if y is not None:
+                return y
         q, k, v = self.project(x)
         if self.backend == "reference":
             o = reference_attention(q, k, v, attn_mask=_na_mask(grid, kernel, dilation, causal, x.device))
         else:
             o = tiled_attention(q, k, v, _na_plan(grid, kernel, dilation, causal, tile))
         return self.output(o)
+
+    def _per_query(self, x: Tensor, grid, kernel, dilation) -> Tensor | None:
+        """The fused per-query kernel (:func:`attnlab.ops.native.neighborhood_attention`), or None where it does not
+        apply (not float32 CPU, causal, a map under ~16 + 2 kernel columns, a kernel longer than a dilation group).
+
+        It wants channel-first operands: q, k and v are projected image row by image row as ``W x (heads d)``
+        matrices (``W_qkv x_row^T``, the same GEMM as the token-major projection), and the output projection reads
+        the kernel's rows the same way, so no transposed copy is made on either side."""
+        H, Wd = grid if len(grid) == 2 else (1, grid[0])
+        kern = tuple(kernel) if len(grid) == 2 else (1, kernel[0])
+        dil = tuple(dilation) if len(grid) == 2 else (1, dilation[0])
+        rs = neighborhood_starts(H, kern[0], dil[0]) if len(grid) == 2 else torch.zeros(1, dtype=torch.int32)
+        cs = neighborhood_starts(Wd, kern[1], dil[1])
+        if rs is None or cs is None or not native.neighborhood_supports(x, (H, Wd), cs, kern, dil):
+            return None
+        B, hd = x.shape[0], self.heads * self.head_dim
+        qkv = torch.matmul(self.qkv.weight, x.view(B, H, Wd, self.dim).transpose(-1, -2))  # (B, H, 3 hd, W)
+        if self.qkv.bias is not None:
+            qkv = qkv + self.qkv.bias[:, None]
+        q, k, v = qkv.view(B, H, 3, self.heads, self.head_dim, Wd).permute(2, 0, 3, 4, 1, 5)  # (B, heads, d, H, W)
+        o = native.neighborhood_attention(q, k, v, rs, cs, kern, dil)  # memory (B, H, heads, d, W)
+        rows = o.permute(0, 3, 1, 2, 4).reshape(B, H, hd, Wd).transpose(-1, -2)  # (B, H, W, heads d), no copy
+        return F.linear(rows, self.proj.weight, self.proj.bias).reshape(B, H * Wd, self.dim)
 
 
 # ================================================================================================ Swin

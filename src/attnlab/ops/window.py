@@ -57,7 +57,7 @@ from . import native
 from .softmax import attention, check_inputs
 
 __all__ = [
-    "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "block_plan", "rolled_block_plan", "combine_plans",
+    "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "neighborhood_starts", "block_plan", "rolled_block_plan", "combine_plans",
     "raster_causal",
     "band_mask", "neighborhood_mask", "block_mask", "combine_masks",
     "tiled_attention", "tile_attention", "attention_tiles", "release_workspace", "gather_tiles", "scatter_tiles",
@@ -227,15 +227,9 @@ def neighborhood_plan(length: int, kernel: int, dilation: int = 1, causal: bool 
     g = torch.arange(d)[:, None, None]
     u = (torch.arange(Tg)[:, None] * tile + torch.arange(tile))[None]  # (1, Tg, tile) index inside the group
     Lg = (L - g + d - 1) // d  # (d, 1, 1) group lengths
-    kg = Lg.clamp(max=kernel)
     q_valid = u < Lg
     uc = torch.minimum(u, Lg - 1)
-    if causal:
-        s = (uc - kernel + 1).clamp(min=0)
-        e = uc + 1
-    else:
-        s = torch.minimum((uc - kernel // 2).clamp(min=0), Lg - kg)
-        e = s + kg
+    s, e = _neighborhood_window(uc, Lg, kernel, causal)
     # Window starts never decrease along u and grow by at most one per step, so the windows of a tile lie in
     # [s(first), s(first) + tile + kernel - 1); clamp that region into [0, L_g) when it fits.
     region = torch.minimum(s[..., :1], (Lg - tk).clamp(min=0))  # (d, Tg, 1)
@@ -248,6 +242,32 @@ def neighborhood_plan(length: int, kernel: int, dilation: int = 1, causal: bool 
     inverse = ((p % d) * Tg + up // tile) * tile + up % tile
     return _finish(L, L, q_index, q_valid.expand(d, Tg, tile).reshape(d * Tg, tile), k_index,
                    keep.reshape(d * Tg, tile, tk), inverse)
+
+
+def _neighborhood_window(u: Tensor, Lg: Tensor, kernel: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """First and one-past-last key (indices inside the dilation group) of query ``u`` in a group of ``Lg``."""
+    if causal:
+        return (u - kernel + 1).clamp(min=0), u + 1
+    s = torch.minimum((u - kernel // 2).clamp(min=0), Lg - Lg.clamp(max=kernel))
+    return s, s + Lg.clamp(max=kernel)
+
+
+@lru_cache(maxsize=_CACHE)
+def neighborhood_starts(length: int, kernel: int, dilation: int = 1) -> Tensor | None:
+    """Non-causal neighborhood attention on one axis as window starts: ``(length,)`` int32, query ``p`` sees
+    positions ``start[p] + dilation * j`` for ``j < kernel`` (the semantics of :func:`neighborhood_plan`). None when
+    some dilation group is shorter than the kernel (its window is clamped to fewer keys)."""
+    L = positive_int("neighborhood length", length)
+    kernel = positive_int("neighborhood kernel_size", kernel)
+    d = positive_int("neighborhood dilation", dilation)
+    if kernel % 2 == 0:
+        raise shape_error("neighborhood kernel_size", "an odd integer (a centred window)", kernel)
+    if kernel > L // d:  # the shortest group has L // d positions
+        return None
+    p = torch.arange(L)
+    g = p % d
+    s, _ = _neighborhood_window(p // d, (L - g + d - 1) // d, kernel, False)
+    return (g + d * s).to(torch.int32)
 
 
 def _block_geometry(length: int, block: int, shift: int) -> tuple[int, int]:

@@ -38,9 +38,12 @@ from torch import Tensor
 from ...files import cache_dir
 
 __all__ = ["available", "status", "supports", "tile_attention", "indexed_attention", "key_ranges", "disabled",
-           "release_workspace", "MAX_TILE"]
+           "release_workspace", "MAX_TILE", "neighborhood_supports", "neighborhood_attention"]
 
-_SOURCE = Path(__file__).with_name("tile_attention.cpp")
+_HERE = Path(__file__).parent
+# compiled together into one library; the header is hashed with them
+_SOURCES = (_HERE / "tile_attention.cpp", _HERE / "neighborhood.cpp")
+_HEADERS = (_HERE / "vec.h",)
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 # Tile sizes above which SDPA's blocked kernel is as fast (and its memory smaller): queries, keys. A tile's logits
 # (MAX_TILE[0] x MAX_TILE[1] floats at most, 4 MB) live in a per-thread workspace.
@@ -55,7 +58,7 @@ def _build() -> ctypes.CDLL:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler found (g++ or $CXX)")
-    source = _SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()
     target = cache_dir() / "kernels" / f"tile_attention-{key[:16]}.so"
     if not target.exists():
@@ -63,7 +66,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tile_attention-", suffix=".so")
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
+            done = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
@@ -75,6 +78,11 @@ def _build() -> ctypes.CDLL:
     for fn in (lib.attnlab_tile_forward, lib.attnlab_tile_backward):
         fn.argtypes = [p, p, p, f, p, p, p, p, p, i]
     lib.attnlab_tile_forward.restype = lib.attnlab_tile_backward.restype = i
+    for fn in (lib.attnlab_na_forward, lib.attnlab_na_backward):
+        fn.argtypes = [p, p, p, f, p, p, i]
+        fn.restype = i
+    lib.attnlab_na_supported.argtypes = [p, p]
+    lib.attnlab_na_supported.restype = i
     return lib
 
 
@@ -364,3 +372,107 @@ def key_ranges(keep: Tensor) -> Tensor:
     last = tk - keep.flip(-1).to(torch.int8).argmax(-1)
     zero = torch.zeros_like(first)
     return torch.stack([torch.where(any_, first, zero), torch.where(any_, last, zero)], -1).to(torch.int32)
+
+
+# ------------------------------------------------------------------------------ neighborhood attention (neighborhood.cpp)
+
+
+def _na_sizes(q: Tensor, v: Tensor, kernel: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    B, heads, D, H, W = q.shape
+    return torch.tensor([B * heads, D, v.shape[2], H, W, *kernel, *dilation, heads], dtype=torch.int64)
+
+
+def _check_planes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:2] != q.shape[:2] or v.shape[3:] != q.shape[3:]:
+        raise ValueError("neighborhood_attention: expected q, k (B, heads, D, H, W) and v (B, heads, Dv, H, W), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    bad = [t for t in (q, k, v) if t.dtype != torch.float32 or t.device.type != "cpu"]
+    if bad:
+        raise ValueError(f"neighborhood_attention: expected float32 CPU tensors, got {bad[0].dtype} on {bad[0].device}")
+
+
+def neighborhood_supports(like: Tensor, hw: tuple[int, int], col_starts: Tensor, kernel: tuple[int, int],
+                          dilation: tuple[int, int]) -> bool:
+    """Whether :func:`neighborhood_attention` takes an ``hw = (H, W)`` map of ``like``'s dtype and device: float32
+    on the CPU, at least 16 columns, border windows that fit the kernel's two-load permutes (about
+    ``W >= 32 + dilation * (kernel - 1)``), and the kernel built."""
+    if getattr(_OFF, "on", False) or like.device.type != "cpu" or like.dtype != torch.float32 or _lib() is None:
+        return False
+    sizes = torch.tensor([1, 1, 1, hw[0], hw[1], *kernel, *dilation, 1], dtype=torch.int64)
+    cs = col_starts.to(torch.int32).contiguous()
+    return cs.shape == (hw[1],) and bool(_LIB.attnlab_na_supported(sizes.data_ptr(), cs.data_ptr()))
+
+
+def _planes(t: Tensor) -> Tensor:
+    """``t`` with unit column stride."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _row_planes(B: int, heads: int, C: int, H: int, W: int, zero: bool = False) -> Tensor:
+    """A ``(B, heads, C, H, W)`` result laid out as ``(B, H, heads, C, W)``: the channels of one image row are
+    together, so the rows a query block reads are not a power-of-two plane size apart (they would all fall into the
+    same few cache sets) and a row's tokens are one ``(heads C) x W`` matrix for the output projection."""
+    t = (_POOL.zeros if zero else _POOL.empty)(B, H, heads, C, W)
+    return t.permute(0, 2, 3, 1, 4)
+
+
+def _plane_strides(*ts: Tensor) -> list[int]:
+    return [s for t in ts for s in t.stride()[:4]]
+
+
+class _Neighborhood(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rs, cs, kernel, dilation, scale):
+        B, heads, _, H, W = q.shape
+        sizes = _na_sizes(q, v, kernel, dilation)
+        o = _row_planes(B, heads, v.shape[2], H, W)
+        lse = _POOL.empty(B, heads, H, W)
+        ptrs = (ctypes.c_void_p * 5)(*[_ptr(t) for t in (q, k, v, o, lse)])
+        st = torch.tensor(_plane_strides(q, k, v, o) + [0] * 4, dtype=torch.int64)
+        if _LIB.attnlab_na_forward(sizes.data_ptr(), st.data_ptr(), ptrs, scale, rs.data_ptr(), cs.data_ptr(),
+                                   torch.get_num_threads()):
+            raise RuntimeError("neighborhood kernel: geometry not supported (check neighborhood_supports first)")
+        ctx.save_for_backward(q, k, v, o, lse, rs, cs)
+        ctx.sizes, ctx.scale = sizes, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, rs, cs = ctx.saved_tensors
+        do = _planes(do)
+        dq = _row_planes(*q.shape)  # written once per query
+        dk, dv = _row_planes(*k.shape, zero=True), _row_planes(*v.shape, zero=True)  # added into: shared keys
+        ops = (q, k, v, o, lse, do, dq, dk, dv)
+        ptrs = (ctypes.c_void_p * len(ops))(*[_ptr(t) for t in ops])
+        st = torch.tensor(_plane_strides(q, k, v, o) + [0] * 4 + _plane_strides(do, dq, dk, dv), dtype=torch.int64)
+        if _LIB.attnlab_na_backward(ctx.sizes.data_ptr(), st.data_ptr(), ptrs, ctx.scale, rs.data_ptr(),
+                                    cs.data_ptr(), torch.get_num_threads()):
+            raise RuntimeError("neighborhood kernel: geometry not supported")
+        return dq, dk, dv, None, None, None, None, None
+
+
+def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, row_starts: Tensor, col_starts: Tensor,
+                           kernel: tuple[int, int], dilation: tuple[int, int] = (1, 1),
+                           scale: float | None = None) -> Tensor:
+    """Neighborhood attention on channel-first operands, per query (no tiles): ``q, k (B, heads, D, H, W)``,
+    ``v (B, heads, Dv, H, W)``; query ``(r, c)`` attends to the keys ``(row_starts[r] + dilation[0] * a,
+    col_starts[c] + dilation[1] * b)`` for ``a < kernel[0]``, ``b < kernel[1]`` (int32 starts, e.g. from
+    :func:`attnlab.ops.window.neighborhood_starts`; a 1-D sequence is ``H = 1`` with ``row_starts = [0]`` and
+    ``kernel[0] = 1``). Returns ``(B, heads, Dv, H, W)``; differentiable in q, k, v. Call only when
+    :func:`neighborhood_supports` is True."""
+    if _lib() is None:
+        raise RuntimeError(f"the neighborhood kernel is {status()}")
+    _check_planes(q, k, v)
+    H, W = q.shape[-2:]
+    rs, cs = (t.to(torch.int32).contiguous() for t in (row_starts, col_starts))
+    if rs.shape != (H,) or cs.shape != (W,):
+        raise ValueError(f"neighborhood_attention: expected row_starts ({H},) and col_starts ({W},), got "
+                         f"{tuple(rs.shape)} and {tuple(cs.shape)}")
+    for name, starts, n, kk, dd in (("row", rs, H, kernel[0], dilation[0]), ("col", cs, W, kernel[1], dilation[1])):
+        if n and (int(starts.min()) < 0 or int(starts.max()) + dd * (kk - 1) >= n):
+            raise ValueError(f"neighborhood_attention: {name}_starts must keep every window inside [0, {n}) "
+                             f"(kernel {kk}, dilation {dd}), got starts in [{int(starts.min())}, "
+                             f"{int(starts.max())}]")
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    q, k, v = (_planes(t) for t in (q, k, v))
+    return _Neighborhood.apply(q, k, v, rs, cs, tuple(kernel), tuple(dilation), scale)

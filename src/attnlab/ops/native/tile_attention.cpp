@@ -11,59 +11,11 @@
 // rows are addressed directly or through an index (tiles read in place from token-major tensors).
 // GCC vector extensions give 16-float vectors that compile to AVX-512, AVX2 or SSE, whatever the machine has.
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <thread>
 #include <utility>
-#include <vector>
+
+#include "vec.h"
 
 namespace {
-
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int VL = 16;  // floats per vector
-
-inline vf load(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (vf{} + x adds 0.0 first)
-inline int64_t round_up(int64_t n) { return (n + VL - 1) / VL * VL; }
-
-// exp(x) for a vector: 2^n * e^f with n = round(x log2 e), |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial
-// (relative error below 2e-7). Inputs below -87.3 (including -inf) give exactly 0; softmax never passes x > 0.
-inline vf vexp(vf x) {
-    const vf lo = splat(-87.3f);
-    vi zero = x < lo;
-    x = zero ? lo : x;
-    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-    vf n = (x * 1.44269504088896341f + magic) - magic;
-    vf f = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // ln 2 split in two for accuracy
-    vf p = splat(1.0f / 720);
-    p = p * f + 1.0f / 120;
-    p = p * f + 1.0f / 24;
-    p = p * f + 1.0f / 6;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf scale;
-    std::memcpy(&scale, &e, sizeof scale);
-    p = p * scale;
-    return zero ? splat(0.0f) : p;
-}
-
-// Horizontal max and sum by halving (four shuffles instead of sixteen element extractions).
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-#define HALVE(v, op)                                                                                         \
-    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));         \
-    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));         \
-    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));         \
-    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14))
-inline vf vadd(vf a, vf b) { return a + b; }
-inline float hmax(vf v) { HALVE(v, vmax); return v[0]; }
-inline float hsum(vf v) { HALVE(v, vadd); return v[0]; }
-#undef HALVE
 
 // Matrix operands by rows: a dense buffer with a row stride, or an array of row pointers (rows read in place
 // from wherever the tile's tokens are).
@@ -482,18 +434,6 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
             }
         }
     }
-}
-
-template <class F>
-void parallel(int64_t items, int threads, F fn) {
-    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, items));
-    if (threads == 1) { fn(0, items); return; }
-    std::vector<std::thread> pool;
-    for (int i = 0; i < threads; ++i) {
-        const int64_t a = items * i / threads, b = items * (i + 1) / threads;
-        pool.emplace_back([=] { fn(a, b); });
-    }
-    for (auto& th : pool) th.join();
 }
 
 // Operand descriptors from the integer array: per operand [sb, st, sh, sr] and its pointer from ptrs.

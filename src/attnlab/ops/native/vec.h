@@ -1,0 +1,92 @@
+// Vector helpers shared by the CPU kernels (tile_attention.cpp, neighborhood.cpp): 16-float GCC vectors (AVX-512,
+// AVX2 or SSE, whatever -march=native gives), loads and stores, a vector exp, horizontal max and sum, and the
+// thread split. Header-only; every function is inline or in an anonymous namespace of the including file.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+constexpr int VL = 16;  // floats per vector
+
+inline vf load(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (vf{} + x adds 0.0 first)
+inline int64_t round_up(int64_t n) { return (n + VL - 1) / VL * VL; }
+
+// exp(x) for a vector: 2^n * e^f with n = round(x log2 e), |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial
+// (relative error below 2e-7). Inputs below -87.3 (including -inf) give exactly 0; softmax never passes x > 0.
+inline vf vexp(vf x) {
+    const vf lo = splat(-87.3f);
+    vi zero = x < lo;
+    x = zero ? lo : x;
+    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
+    vf n = (x * 1.44269504088896341f + magic) - magic;
+    vf f = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // ln 2 split in two for accuracy
+    vf p = splat(1.0f / 720);
+    p = p * f + 1.0f / 120;
+    p = p * f + 1.0f / 24;
+    p = p * f + 1.0f / 6;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &e, sizeof scale);
+    p = p * scale;
+    return zero ? splat(0.0f) : p;
+}
+
+// log(x) for a vector of positive normal floats: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(t),
+// t = (m - 1) / (m + 1), |t| < 0.172, by its odd series to t^9 (relative error below 1e-7).
+inline vf vlog(vf x) {
+    vi bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    vi e = ((bits >> 23) & 0xff) - 127;
+    vi mb = (bits & 0x007fffff) | 0x3f800000;  // m in [1, 2)
+    vf m;
+    std::memcpy(&m, &mb, sizeof m);
+    const vi big = m > 1.41421356f;
+    m = big ? m * 0.5f : m;
+    e = big ? e + 1 : e;
+    const vf t = (m - 1.0f) / (m + 1.0f), t2 = t * t;
+    vf p = splat(1.0f / 9);
+    p = p * t2 + 1.0f / 7;
+    p = p * t2 + 1.0f / 5;
+    p = p * t2 + 1.0f / 3;
+    p = p * t2 + 1.0f;
+    return 2.0f * t * p + __builtin_convertvector(e, vf) * 0.693147180559945309f;
+}
+
+// Horizontal max and sum by halving (four shuffles instead of sixteen element extractions).
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+#define HALVE(v, op)                                                                                         \
+    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));         \
+    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));         \
+    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));         \
+    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14))
+inline vf vadd(vf a, vf b) { return a + b; }
+inline float hmax(vf v) { HALVE(v, vmax); return v[0]; }
+inline float hsum(vf v) { HALVE(v, vadd); return v[0]; }
+#undef HALVE
+
+template <class F>
+void parallel(int64_t items, int threads, F fn) {
+    threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, items));
+    if (threads == 1) { fn(0, items); return; }
+    std::vector<std::thread> pool;
+    for (int i = 0; i < threads; ++i) {
+        const int64_t a = items * i / threads, b = items * (i + 1) / threads;
+        pool.emplace_back([=] { fn(a, b); });
+    }
+    for (auto& th : pool) th.join();
+}
+
+}  // namespace
