@@ -104,8 +104,8 @@ def cores(n1: int, hw: tuple[int, int], heads: int, d: int):
         kwn = dict(kernel_size=kernel)
         tile = (L._na_tile_2d(kernel),) * 2
         plan = L._na_plan(hw, (kernel,) * 2, (1, 1), False, tile)
-        out.append(("neighborhood-attention-fast", kwn, (n2, hw), False,
-                    lambda q, k, v, plan=plan: W.tiled_attention(q, k, v, plan), tiles(plan)))
+        out.append(("neighborhood-attention-fast", kwn, (n2, hw), False, na_core(hw, kernel, plan, heads, d)[0],
+                    tiles(plan)))
 
     kw = spec_kw("swin")
     win = (kw["window_size"],) * 2
@@ -168,6 +168,20 @@ def cores(n1: int, hw: tuple[int, int], heads: int, d: int):
     kw = spec_kw("chada-vit")
     out.append(("chada-vit", kw, (n1, None), False, lambda q, k, v: attention(q, k, v), [(1, heads, n1, n1, d)]))
     return out
+
+
+def na_core(hw: tuple[int, int], kernel: int, plan, heads: int, d: int, grad: bool = False):
+    """Neighborhood attention's core as the module runs it: the per-query kernel on channel-first q, k, v laid out
+    as the module projects them (one image row's channels together), where it applies; else the tiles on
+    token-major q, k, v. Returns ``(core taking (q, k, v) and ignoring them for the first, own operands)``."""
+    rs, cs = (W.neighborhood_starts(n, kernel) for n in hw)
+    if native.neighborhood_supports(torch.empty(0), hw, cs, (kernel, kernel), (1, 1)):
+        base = torch.randn(1, hw[0], 3, heads, d, hw[1])
+        ops = [base[:, :, i].permute(0, 2, 3, 1, 4) for i in range(3)]
+        if grad:
+            ops = [t.detach().requires_grad_() for t in ops]
+        return (lambda q, k, v: native.neighborhood_attention(*ops, rs, cs, (kernel, kernel))), ops
+    return (lambda q, k, v: W.tiled_attention(q, k, v, plan)), None
 
 
 def ceiling(pieces, repeats: int) -> tuple[float, float, float]:
@@ -267,13 +281,17 @@ def main() -> None:
     nh, dh, side = 4, 32, 64
     plan = L._na_plan((side, side), (7, 7), (1, 1), False, (L._na_tile_2d(7),) * 2)
     q, k, v = qkv(side * side, nh, dh, grad=True)
+    core, own = na_core((side, side), 7, plan, nh, dh, grad=True)
+    operands = own or [q, k, v]
+    print(f"  core: {'the per-query kernel' if own else 'the tile path'}")
     with torch.no_grad():
-        fwd, lo, hi = timed(lambda: W.tiled_attention(q, k, v, plan), args.repeats)
+        fwd, lo, hi = timed(lambda: core(q, k, v), args.repeats)
     print(f"  core forward          {fwd * 1e3:7.1f} ms ({lo * 1e3:.1f}..{hi * 1e3:.1f})")
 
     def fwd_bwd():
-        q.grad = k.grad = v.grad = None
-        W.tiled_attention(q, k, v, plan).sum().backward()
+        for t in operands:
+            t.grad = None
+        core(q, k, v).sum().backward()
 
     fb, lo, hi = timed(fwd_bwd, args.repeats)
     print(f"  core forward+backward {fb * 1e3:7.1f} ms ({lo * 1e3:.1f}..{hi * 1e3:.1f})")
@@ -291,10 +309,14 @@ def main() -> None:
         print("  NATTEN not installed: no side-by-side")
         return
     warnings.filterwarnings("ignore")
-    q5, k5, v5 = (t.detach().transpose(1, 2).reshape(1, side, side, nh, dh) for t in (q, k, v))
+    if own:  # (1, heads, d, H, W) -> NATTEN's (1, H, W, heads, d)
+        q5, k5, v5 = (t.detach().permute(0, 3, 4, 1, 2).contiguous() for t in own)
+    else:
+        q5, k5, v5 = (t.detach().transpose(1, 2).reshape(1, side, side, nh, dh) for t in (q, k, v))
     with torch.no_grad():
         ref = natten.na2d(q5, k5, v5, kernel_size=7)
-        ours = W.tiled_attention(q, k, v, plan).transpose(1, 2).reshape(ref.shape)
+        o = core(q, k, v)
+        ours = o.permute(0, 3, 4, 1, 2) if own else o.transpose(1, 2).reshape(ref.shape)
         nf, lo, hi = timed(lambda: natten.na2d(q5, k5, v5, kernel_size=7), max(1, args.repeats // 2))
     print(f"  NATTEN {natten.__version__} na2d forward {nf * 1e3:7.1f} ms ({lo * 1e3:.1f}..{hi * 1e3:.1f}); "
           f"max |difference| {float((ref - ours).abs().max()):.1e}; ours is {nf / fwd:.0f}x faster")

@@ -394,8 +394,8 @@ def _check_planes(q: Tensor, k: Tensor, v: Tensor) -> None:
 def neighborhood_supports(like: Tensor, hw: tuple[int, int], col_starts: Tensor, kernel: tuple[int, int],
                           dilation: tuple[int, int]) -> bool:
     """Whether :func:`neighborhood_attention` takes an ``hw = (H, W)`` map of ``like``'s dtype and device: float32
-    on the CPU, at least 16 columns, border windows that fit the kernel's two-load permutes (about
-    ``W >= 32 + dilation * (kernel - 1)``), and the kernel built."""
+    on the CPU, border windows that fit the kernel's two-load permutes (``W >= 32 + dilation * (kernel - 1)``
+    columns where windows touch a border; at least 16 in any case), and the kernel built."""
     if getattr(_OFF, "on", False) or like.device.type != "cpu" or like.dtype != torch.float32 or _lib() is None:
         return False
     sizes = torch.tensor([1, 1, 1, hw[0], hw[1], *kernel, *dilation, 1], dtype=torch.int64)
