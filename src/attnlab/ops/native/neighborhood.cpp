@@ -336,6 +336,15 @@ Planes<T> planes(void* const* ptrs, const int64_t* strides, int i, const int64_t
     return Planes<T>{static_cast<T*>(ptrs[i]), st[0], st[1], st[2], st[3], sizes[9]};
 }
 
+// q, k, v: operands 0-2 of both directions.
+Operands inputs(void* const* ptrs, const int64_t* strides, const int64_t* sizes) {
+    Operands X{};
+    X.q = planes<const float>(ptrs, strides, 0, sizes);
+    X.k = planes<const float>(ptrs, strides, 1, sizes);
+    X.v = planes<const float>(ptrs, strides, 2, sizes);
+    return X;
+}
+
 }  // namespace
 
 extern "C" {
@@ -355,10 +364,7 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
     const Geo g = geometry(sizes, rs, cs, scale);
     std::vector<Lanes> blocks;
     if (!column_blocks(g, blocks)) return -1;
-    Operands X{};
-    X.q = planes<const float>(ptrs, strides, 0, sizes);
-    X.k = planes<const float>(ptrs, strides, 1, sizes);
-    X.v = planes<const float>(ptrs, strides, 2, sizes);
+    Operands X = inputs(ptrs, strides, sizes);
     X.o = planes<float>(ptrs, strides, 3, sizes);
     X.lse = static_cast<float*>(ptrs[4]);
     // Work items: (bh, band, part of the row's blocks). Bands pair rows r and r + dh (same dilation group) whose
@@ -403,10 +409,7 @@ int attnlab_na_backward(const int64_t* sizes, const int64_t* strides, void* cons
     const Geo g = geometry(sizes, rs, cs, scale);
     std::vector<Lanes> blocks;
     if (!column_blocks(g, blocks)) return -1;
-    Operands X{};
-    X.q = planes<const float>(ptrs, strides, 0, sizes);
-    X.k = planes<const float>(ptrs, strides, 1, sizes);
-    X.v = planes<const float>(ptrs, strides, 2, sizes);
+    Operands X = inputs(ptrs, strides, sizes);
     X.out = planes<const float>(ptrs, strides, 3, sizes);
     X.lse_saved = static_cast<const float*>(ptrs[4]);
     X.dout = planes<const float>(ptrs, strides, 5, sizes);
