@@ -381,7 +381,8 @@ def run_pattern_heads(lm: LoadedModel, inp: Inputs, *, length: int = 24, seed: i
     if lm.info.causal:
         def repeat_loss(heads: Sequence[Head]) -> Tensor:
             with torch.no_grad():
-                return next_token_loss(lm, ids, gates=head_gates(L, H, off=heads), reduction="none")[0]  # index t predicts token t + 1
+                # index t predicts token t + 1
+                return next_token_loss(lm, ids, gates=head_gates(L, H, off=heads), reduction="none")[0]
 
         second = slice(start + length, start + 2 * length - 1)  # predicts tokens start+length+1 ..
         first = slice(start, start + length - 1)

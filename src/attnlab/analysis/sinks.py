@@ -435,7 +435,8 @@ def run_act_calibration(lm: LoadedModel, inp: Inputs, *, threshold: float = 0.2,
         if layer not in chosen:
             return probs
         N = probs.shape[-1]
-        new, sinks = act_edit(probs, visible_keys(None, 1, N, causal=True, device=probs.device)[0, 0], threshold=threshold, beta=beta, min_rows=min_rows)
+        vis = visible_keys(None, 1, N, causal=True, device=probs.device)[0, 0]
+        new, sinks = act_edit(probs, vis, threshold=threshold, beta=beta, min_rows=min_rows)
         if counting["on"]:
             edited[layer] = int(sinks[0].any(-1).sum())
         return new

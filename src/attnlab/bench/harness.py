@@ -47,7 +47,6 @@ def time_call(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, min_t
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": len(times)}
 
 
-
 def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5) -> dict[str, dict]:
     """Median/min/max seconds per call of each function, timed in rounds (each round calls every function once,
     the order rotating), so that load changes on a shared machine hit all sides alike."""

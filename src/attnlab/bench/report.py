@@ -51,12 +51,14 @@ def headline(results: dict[str, dict]) -> list[dict]:
             if c["n"] >= best_n.get(key, 0):
                 best_n[key] = c["n"]
                 rows[r["mechanism"]][f"speed_{c['track']}"] = (r["value"], c["n"])
-    for r in speed:  # GFLOP/s on useful FLOPs vs the dense layer's, at the same (largest) N as the speed column
-        c = r["config"]
-        if r["metric"] == "gflops_vs_sdpa" and c["pass"] == "fwd" and c["n"] == best_n.get((r["mechanism"], c["track"])):
-            rows[r["mechanism"]][f"gflops_{c['track']}"] = r["value"]
         if r["metric"] == "time_slope":
             rows[r["mechanism"]][f"slope_{c['track']}"] = r["value"]
+    for r in speed:  # GFLOP/s on useful FLOPs vs the dense layer's, at the same (largest) N as the speed column
+        c = r["config"]
+        if r["metric"] != "gflops_vs_sdpa" or c["pass"] != "fwd":
+            continue
+        if c["n"] == best_n.get((r["mechanism"], c["track"])):
+            rows[r["mechanism"]][f"gflops_{c['track']}"] = r["value"]
     for r in results.get("memory", {}).get("records", []):
         if r["metric"] == "memory_exponent":
             rows[r["mechanism"]][f"mem_exp_{r['config']['track']}"] = r["value"]

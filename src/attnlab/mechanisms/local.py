@@ -377,11 +377,8 @@ class NeighborhoodAttention(Mechanism):
         It wants channel-first operands: q, k and v are projected image row by image row as ``W x (heads d)``
         matrices (``W_qkv x_row^T``, the same GEMM as the token-major projection), and the output projection reads
         the kernel's rows the same way, so no transposed copy is made on either side."""
-        H, Wd = grid if len(grid) == 2 else (1, grid[0])
-        kern = tuple(kernel) if len(grid) == 2 else (1, kernel[0])
-        dil = tuple(dilation) if len(grid) == 2 else (1, dilation[0])
-        rs = neighborhood_starts(H, kern[0], dil[0]) if len(grid) == 2 else torch.zeros(1, dtype=torch.int32)
-        cs = neighborhood_starts(Wd, kern[1], dil[1])
+        (H, Wd), kern, dil = (grid, kernel, dilation) if len(grid) == 2 else ((1, *grid), (1, *kernel), (1, *dilation))
+        rs, cs = neighborhood_starts(H, kern[0], dil[0]), neighborhood_starts(Wd, kern[1], dil[1])
         if rs is None or cs is None or not native.neighborhood_supports(x, (H, Wd), cs, kern, dil):
             return None
         B, hd = x.shape[0], self.heads * self.head_dim

@@ -57,8 +57,8 @@ from . import native
 from .softmax import attention, check_inputs
 
 __all__ = [
-    "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "neighborhood_starts", "block_plan", "rolled_block_plan", "combine_plans",
-    "raster_causal",
+    "TilePlan", "band_plan", "dense_plan", "neighborhood_plan", "neighborhood_starts", "block_plan",
+    "rolled_block_plan", "combine_plans", "raster_causal",
     "band_mask", "neighborhood_mask", "block_mask", "combine_masks",
     "tiled_attention", "tile_attention", "attention_tiles", "release_workspace", "gather_tiles", "scatter_tiles",
     "gather_rows", "scatter_rows",
@@ -215,11 +215,8 @@ def neighborhood_plan(length: int, kernel: int, dilation: int = 1, causal: bool 
     than the axis is clamped (the neighborhood becomes the whole group), so ``kernel >= length`` with
     ``dilation = 1`` is exact attention.
     """
-    L = positive_int("neighborhood length", length)
-    kernel = positive_int("neighborhood kernel_size", kernel)
-    if kernel % 2 == 0:
-        raise shape_error("neighborhood kernel_size", "an odd integer (a centred window)", kernel)
-    d = min(positive_int("neighborhood dilation", dilation), L)
+    L, kernel, d = _neighborhood_args(length, kernel, dilation)
+    d = min(d, L)
     Lmax = -(-L // d)
     tile = min(positive_int("neighborhood tile", tile) if tile is not None else _auto_tile(kernel), Lmax)
     Tg = -(-Lmax // tile)
@@ -244,6 +241,14 @@ def neighborhood_plan(length: int, kernel: int, dilation: int = 1, causal: bool 
                    keep.reshape(d * Tg, tile, tk), inverse)
 
 
+def _neighborhood_args(length, kernel, dilation) -> tuple[int, int, int]:
+    L = positive_int("neighborhood length", length)
+    kernel = positive_int("neighborhood kernel_size", kernel)
+    if kernel % 2 == 0:
+        raise shape_error("neighborhood kernel_size", "an odd integer (a centred window)", kernel)
+    return L, kernel, positive_int("neighborhood dilation", dilation)
+
+
 def _neighborhood_window(u: Tensor, Lg: Tensor, kernel: int, causal: bool) -> tuple[Tensor, Tensor]:
     """First and one-past-last key (indices inside the dilation group) of query ``u`` in a group of ``Lg``."""
     if causal:
@@ -257,11 +262,7 @@ def neighborhood_starts(length: int, kernel: int, dilation: int = 1) -> Tensor |
     """Non-causal neighborhood attention on one axis as window starts: ``(length,)`` int32, query ``p`` sees
     positions ``start[p] + dilation * j`` for ``j < kernel`` (the semantics of :func:`neighborhood_plan`). None when
     some dilation group is shorter than the kernel (its window is clamped to fewer keys)."""
-    L = positive_int("neighborhood length", length)
-    kernel = positive_int("neighborhood kernel_size", kernel)
-    d = positive_int("neighborhood dilation", dilation)
-    if kernel % 2 == 0:
-        raise shape_error("neighborhood kernel_size", "an odd integer (a centred window)", kernel)
+    L, kernel, d = _neighborhood_args(length, kernel, dilation)
     if kernel > L // d:  # the shortest group has L // d positions
         return None
     p = torch.arange(L)

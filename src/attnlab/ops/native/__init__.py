@@ -374,7 +374,7 @@ def key_ranges(keep: Tensor) -> Tensor:
     return torch.stack([torch.where(any_, first, zero), torch.where(any_, last, zero)], -1).to(torch.int32)
 
 
-# ------------------------------------------------------------------------------ neighborhood attention (neighborhood.cpp)
+# ------------------------------------------------------------------- neighborhood attention (neighborhood.cpp)
 
 
 def _na_sizes(q: Tensor, v: Tensor, kernel: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
@@ -403,11 +403,6 @@ def neighborhood_supports(like: Tensor, hw: tuple[int, int], col_starts: Tensor,
     return cs.shape == (hw[1],) and bool(_LIB.attnlab_na_supported(sizes.data_ptr(), cs.data_ptr()))
 
 
-def _planes(t: Tensor) -> Tensor:
-    """``t`` with unit column stride."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _row_planes(B: int, heads: int, C: int, H: int, W: int, zero: bool = False) -> Tensor:
     """A ``(B, heads, C, H, W)`` result laid out as ``(B, H, heads, C, W)``: the channels of one image row are
     together, so the rows a query block reads are not a power-of-two plane size apart (they would all fall into the
@@ -416,8 +411,14 @@ def _row_planes(B: int, heads: int, C: int, H: int, W: int, zero: bool = False) 
     return t.permute(0, 2, 3, 1, 4)
 
 
-def _plane_strides(*ts: Tensor) -> list[int]:
-    return [s for t in ts for s in t.stride()[:4]]
+def _na_call(fn, sizes: Tensor, ops: tuple[Tensor, ...], scale: float, rs: Tensor, cs: Tensor) -> None:
+    """Call a direction of the neighborhood kernel on channel-first operands (lse, operand 4, is contiguous: its
+    strides are not read)."""
+    st = torch.tensor([s for i, t in enumerate(ops) for s in ((0,) * 4 if i == 4 else t.stride()[:4])],
+                      dtype=torch.int64)
+    ptrs = (ctypes.c_void_p * len(ops))(*[_ptr(t) for t in ops])
+    if fn(sizes.data_ptr(), st.data_ptr(), ptrs, scale, rs.data_ptr(), cs.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError("neighborhood kernel: geometry not supported (check neighborhood_supports first)")
 
 
 class _Neighborhood(torch.autograd.Function):
@@ -427,11 +428,7 @@ class _Neighborhood(torch.autograd.Function):
         sizes = _na_sizes(q, v, kernel, dilation)
         o = _row_planes(B, heads, v.shape[2], H, W)
         lse = _POOL.empty(B, heads, H, W)
-        ptrs = (ctypes.c_void_p * 5)(*[_ptr(t) for t in (q, k, v, o, lse)])
-        st = torch.tensor(_plane_strides(q, k, v, o) + [0] * 4, dtype=torch.int64)
-        if _LIB.attnlab_na_forward(sizes.data_ptr(), st.data_ptr(), ptrs, scale, rs.data_ptr(), cs.data_ptr(),
-                                   torch.get_num_threads()):
-            raise RuntimeError("neighborhood kernel: geometry not supported (check neighborhood_supports first)")
+        _na_call(_LIB.attnlab_na_forward, sizes, (q, k, v, o, lse), scale, rs, cs)
         ctx.save_for_backward(q, k, v, o, lse, rs, cs)
         ctx.sizes, ctx.scale = sizes, scale
         return o
@@ -439,15 +436,10 @@ class _Neighborhood(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, rs, cs = ctx.saved_tensors
-        do = _planes(do)
         dq = _row_planes(*q.shape)  # written once per query
         dk, dv = _row_planes(*k.shape, zero=True), _row_planes(*v.shape, zero=True)  # added into: shared keys
-        ops = (q, k, v, o, lse, do, dq, dk, dv)
-        ptrs = (ctypes.c_void_p * len(ops))(*[_ptr(t) for t in ops])
-        st = torch.tensor(_plane_strides(q, k, v, o) + [0] * 4 + _plane_strides(do, dq, dk, dv), dtype=torch.int64)
-        if _LIB.attnlab_na_backward(ctx.sizes.data_ptr(), st.data_ptr(), ptrs, ctx.scale, rs.data_ptr(),
-                                    cs.data_ptr(), torch.get_num_threads()):
-            raise RuntimeError("neighborhood kernel: geometry not supported")
+        _na_call(_LIB.attnlab_na_backward, ctx.sizes, (q, k, v, o, lse, _unit_last(do), dq, dk, dv), ctx.scale,
+                 rs, cs)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -474,5 +466,5 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, row_starts: Tensor, 
                              f"(kernel {kk}, dilation {dd}), got starts in [{int(starts.min())}, "
                              f"{int(starts.max())}]")
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
-    q, k, v = (_planes(t) for t in (q, k, v))
+    q, k, v = (_unit_last(t) for t in (q, k, v))
     return _Neighborhood.apply(q, k, v, rs, cs, tuple(kernel), tuple(dilation), scale)

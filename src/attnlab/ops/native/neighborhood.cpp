@@ -15,8 +15,6 @@
 // The backward recomputes p from the saved log-sum-exp (as the tile kernel does); each thread owns whole
 // (batch, head) planes, so the += into shared key columns never race.
 
-#include <type_traits>
-
 #include "vec.h"
 
 namespace {
@@ -101,13 +99,6 @@ bool column_blocks(const Geo& g, std::vector<Lanes>& out) {
     return true;
 }
 
-// x, held in a register: stops the compiler from folding a shared load into each FMA that uses it (which loads the
-// same vector once per query row, and the loads are what bound these loops).
-inline vf in_register(vf x) {
-    asm("" : "+v"(x));
-    return x;
-}
-
 // The 16 lanes' keys of column offset `off` in one key row.
 template <bool U>
 inline vf keys(const float* row, int64_t off, const Lanes& L) {
@@ -121,16 +112,7 @@ template <class F>
 inline void chunks(int64_t total, F&& f) {
     int64_t i = 0;
     for (; i + 8 <= total; i += 8) f(std::integral_constant<int, 8>{}, i);
-    switch (total - i) {
-        case 7: f(std::integral_constant<int, 7>{}, i); break;
-        case 6: f(std::integral_constant<int, 6>{}, i); break;
-        case 5: f(std::integral_constant<int, 5>{}, i); break;
-        case 4: f(std::integral_constant<int, 4>{}, i); break;
-        case 3: f(std::integral_constant<int, 3>{}, i); break;
-        case 2: f(std::integral_constant<int, 2>{}, i); break;
-        case 1: f(std::integral_constant<int, 1>{}, i); break;
-        default: break;
-    }
+    upto8(total - i, [&](auto n) { f(n, i); });
 }
 
 // R query rows (1 or 2) computed together because they read the same key rows, so each key vector loaded serves
@@ -172,26 +154,17 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
             vf acc[R][NB];
             for (int i = 0; i < R; ++i)
                 for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
-            if (!U && !L.span.empty()) {  // border block, small kernel: one 32-column window per key row
-                for (int64_t c = 0; c < C; ++c) {
-                    vf xv[R];
-                    for (int i = 0; i < R; ++i) xv[i] = load(x[i] + c * xs);
-                    const float* w = yt + c * ys + L.wbase;
-                    const vf w0 = load(w), w1 = load(w + VL);
-                    for (int b = 0; b < NB; ++b) {
-                        const vf key = __builtin_shuffle(w0, w1, L.span[b0 + b]);
-                        for (int i = 0; i < R; ++i) acc[i][b] += xv[i] * key;
-                    }
-                }
-            } else {
-                for (int64_t c = 0; c < C; ++c) {
-                    vf xv[R];
-                    for (int i = 0; i < R; ++i) xv[i] = load(x[i] + c * xs);
-                    const float* yc = yt + c * ys;
-                    for (int b = 0; b < NB; ++b) {
-                        const vf key = in_register(keys<U>(yc, (b0 + b) * g.dw, L));
-                        for (int i = 0; i < R; ++i) acc[i][b] += xv[i] * key;
-                    }
+            const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
+            for (int64_t c = 0; c < C; ++c) {
+                vf xv[R];
+                for (int i = 0; i < R; ++i) xv[i] = load(x[i] + c * xs);
+                const float* yc = yt + c * ys;
+                vf w0, w1;
+                if (window) w0 = load(yc + L.wbase), w1 = load(yc + L.wbase + VL);
+                for (int b = 0; b < NB; ++b) {
+                    const vf key = window ? __builtin_shuffle(w0, w1, L.span[b0 + b])
+                                          : in_register(keys<U>(yc, (b0 + b) * g.dw, L));
+                    for (int i = 0; i < R; ++i) acc[i][b] += xv[i] * key;
                 }
             }
             for (int i = 0; i < R; ++i)
@@ -377,7 +350,8 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
         if (!pair && r0 + g.dh < g.H) bands.push_back({r0 + g.dh, 1});
     }
     const int64_t nb = (int64_t)blocks.size(), nbands = (int64_t)bands.size();
-    const int64_t parts = std::min<int64_t>(nb, std::max<int64_t>(1, 4 * threads / std::max<int64_t>(1, g.BH * nbands)));
+    const int64_t items = std::max<int64_t>(1, g.BH * nbands);
+    const int64_t parts = std::min<int64_t>(nb, std::max<int64_t>(1, 4 * threads / items));
     parallel(g.BH * nbands * parts, threads, [&](int64_t begin, int64_t end) {
         std::vector<float> buf(2 * g.kh * g.kw * VL + 2 * g.kw * VL, 0.0f);
         float* S[2] = {buf.data(), buf.data() + g.kh * g.kw * VL};

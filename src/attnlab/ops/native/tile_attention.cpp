@@ -56,28 +56,18 @@ inline void rows_block(int64_t M, int64_t K, const AT& A, const BT& B, int64_t j
     constexpr int MR = NV <= 2 ? 8 : 6;  // MR * NV accumulators + NV + 1 vectors fit 32 AVX-512 registers
     int64_t i = 0;
     for (; i + MR <= M; i += MR) micro<MR, NV>(K, A, i, B, j, C + i * ldc, ldc, acc);
-    switch (M - i) {  // the last rows
-        case 7: micro<7, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
-        case 6: micro<6, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
-        case 5: micro<5, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
-        case 4: micro<4, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
-        case 3: micro<3, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
-        case 2: micro<2, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
-        case 1: micro<1, NV>(K, A, i, B, j, C + i * ldc, ldc, acc); break;
-        default: break;
-    }
+    upto8(M - i, [&](auto rows) {  // the last rows
+        micro<decltype(rows)::value, NV>(K, A, i, B, j, C + i * ldc, ldc, acc);
+    });
 }
 
 template <class AT, class BT>
 void gemm(int64_t M, int64_t N, int64_t K, const AT& A, const BT& B, float* C, int64_t ldc, bool acc) {
     int64_t j = 0;
     for (; j + 4 * VL <= N; j += 4 * VL) rows_block<4>(M, K, A, B, j, C + j, ldc, acc);
-    switch ((N - j) / VL) {
-        case 3: rows_block<3>(M, K, A, B, j, C + j, ldc, acc); break;
-        case 2: rows_block<2>(M, K, A, B, j, C + j, ldc, acc); break;
-        case 1: rows_block<1>(M, K, A, B, j, C + j, ldc, acc); break;
-        default: break;
-    }
+    upto8((N - j) / VL, [&](auto nv) {  // 1-3 vectors left
+        if constexpr (decltype(nv)::value < 4) rows_block<decltype(nv)::value>(M, K, A, B, j, C + j, ldc, acc);
+    });
 }
 
 // Dense buffers as operands.

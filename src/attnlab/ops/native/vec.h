@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -76,6 +77,33 @@ inline vf vadd(vf a, vf b) { return a + b; }
 inline float hmax(vf v) { HALVE(v, vmax); return v[0]; }
 inline float hsum(vf v) { HALVE(v, vadd); return v[0]; }
 #undef HALVE
+
+// f(std::integral_constant<int, n>{}) for a run-time n in 1..8 (nothing for other n): register-blocked loops
+// instantiate one body per block size and dispatch their remainders here.
+template <class F>
+inline void upto8(int64_t n, F&& f) {
+    switch (n) {
+        case 8: f(std::integral_constant<int, 8>{}); break;
+        case 7: f(std::integral_constant<int, 7>{}); break;
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 5: f(std::integral_constant<int, 5>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        default: break;
+    }
+}
+
+// x, held in a register: stops the compiler from folding a load that several FMAs share into each of them (which
+// loads the same vector once per FMA where loads, not FMAs, bound a loop). A no-op where the asm constraint for
+// vector registers is not known.
+inline vf in_register(vf x) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm("" : "+v"(x));
+#endif
+    return x;
+}
 
 template <class F>
 void parallel(int64_t items, int threads, F fn) {
