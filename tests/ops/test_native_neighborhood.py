@@ -133,37 +133,24 @@ def test_bad_input_is_refused_with_what_was_expected():
 
 @needs_kernel
 @pytest.mark.parametrize("grid,kernel,dilation", [((40, 44), 7, 1), ((1, 300), 7, 2), ((20, 20), 5, 1)])
-def test_module_inference_uses_the_kernel_where_it_applies_and_equals_the_reference(grid, kernel, dilation):
+def test_module_uses_the_kernel_where_it_applies_and_equals_the_reference(grid, kernel, dilation):
+    """Outputs and gradients (input and both projections) of the module against its float64 reference, in training
+    and in inference, on maps the per-query kernel takes and one it does not (the tile path)."""
     torch.manual_seed(0)
     m = NeighborhoodAttention(32, 4, kernel_size=kernel, dilation=dilation)
     ref = NeighborhoodAttention(32, 4, kernel_size=kernel, dilation=dilation, backend="reference").double()
     ref.load_state_dict(m.state_dict())
     hw = grid if grid[0] > 1 else None
     axes = grid if hw else (grid[1],)
-    x = torch.randn(2, grid[0] * grid[1], 32)
-    with torch.no_grad():
-        applies = m._per_query(x, axes, *m._axes(axes)[:2]) is not None
-        y = m(x, hw=hw)
+    x = torch.randn(2, grid[0] * grid[1], 32, requires_grad=True)
+    applies = m._per_query(x, axes, *m._axes(axes)[:2]) is not None
     assert applies == (grid != (20, 20))  # 20 columns: border windows do not fit two loads, the tiles run
-    torch.testing.assert_close(y.double(), ref(x.double(), hw=hw), **TOL)
-
-
-@needs_kernel
-def test_module_training_takes_the_tile_path_with_the_same_result():
-    """Under autograd the module runs the tile kernel (its backward is the faster one); outputs and parameter
-    gradients equal the reference."""
-    torch.manual_seed(0)
-    m = NeighborhoodAttention(32, 4, kernel_size=7)
-    ref = NeighborhoodAttention(32, 4, kernel_size=7, backend="reference").double()
-    ref.load_state_dict(m.state_dict())
-    x = torch.randn(1, 40 * 44, 32, requires_grad=True)
-    assert m._recording(x)
-    with torch.no_grad():
-        assert not m._recording(x)
-    y, y_ref = m(x, hw=(40, 44)), ref(x.double(), hw=(40, 44))
+    y, y_ref = m(x, hw=hw), ref(x.double(), hw=hw)
     torch.testing.assert_close(y.double(), y_ref, **TOL)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, hw=hw), y)
     g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, m.qkv.weight, m.proj.weight], g)
-    want = torch.autograd.grad(y_ref, [x, ref.qkv.weight, ref.proj.weight], g.double())
+    got = torch.autograd.grad(y, [x, m.qkv.weight, m.qkv.bias, m.proj.weight], g)
+    want = torch.autograd.grad(y_ref, [x, ref.qkv.weight, ref.qkv.bias, ref.proj.weight], g.double())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b.double(), **TOL)

@@ -352,7 +352,7 @@ class NeighborhoodAttention(Mechanism):
     def attend(self, x, *, causal, key_padding_mask, hw, cache):
         grid = (x.shape[1],) if hw is None else tuple(hw)
         kernel, dilation, tile = self._axes(grid)
-        if self.backend == "fast" and not causal and self.tile == (None, None) and not self._recording(x):
+        if self.backend == "fast" and not causal and self.tile == (None, None):
             y = self._per_query(x, grid, kernel, dilation)
             if y is not None:
                 return y
@@ -362,12 +362,6 @@ class NeighborhoodAttention(Mechanism):
         else:
             o = tiled_attention(q, k, v, _na_plan(grid, kernel, dilation, causal, tile))
         return self.output(o)
-
-    def _recording(self, x: Tensor) -> bool:
-        """Whether autograd records this call. The per-query kernel's backward works (and is tested) but runs
-        1.3-2x slower than the tile kernel's at 64^2-128^2 maps, so training takes the tile path; inference, where
-        the per-query forward is 1.2-3x faster, takes the kernel."""
-        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _per_query(self, x: Tensor, grid, kernel, dilation) -> Tensor | None:
         """The fused per-query kernel (:func:`attnlab.ops.native.neighborhood_attention`), or None where it does not

@@ -9,11 +9,15 @@
 // neighbouring queries of a row, one per lane. Away from the borders, the key of offset (a, b) of those 16 queries
 // is 16 consecutive floats of one key row, so logits, softmax and the weighted sum of values are vertical vector
 // operations over the lanes: no masked logits, no transposes, no horizontal sums. In blocks whose windows touch a
-// border (lanes then share key columns) the keys are permuted into the lanes from two loads; in the backward the
-// lanes' contributions to dk and dv are permuted out into the key columns, in rounds of lanes whose columns differ.
+// border (lanes then share key columns) the keys are permuted into the lanes from two loads.
 //
-// The backward recomputes p from the saved log-sum-exp (as the tile kernel does); each thread owns whole
-// (batch, head) planes, so the += into shared key columns never race.
+// The backward recomputes p from the saved log-sum-exp (as the tile kernel does) and gets dq per block like the
+// forward's output. dk and dv are gathered per key instead of scattered per query: a "regular" query (window start
+// = column - dw (kw / 2), every query away from a border) sees key column x at offset b exactly when it sits at
+// column x + dw (kw / 2) - dw b, so with a query row's p and dS kept in padded row buffers, 16 neighbouring keys
+// sum their kw contributions in registers and are written once. Border queries add theirs by permutes into the key
+// columns, in rounds of lanes whose columns differ. Each thread owns whole (batch, head) planes, so the += into
+// key rows never race.
 
 #include "vec.h"
 
@@ -32,12 +36,14 @@ struct Geo {
     int64_t BH, D, Dv, H, W, kh, kw, dh, dw;
     const int32_t *rs, *cs;
     float scale;
+    int64_t centre() const { return dw * (kw / 2); }  // a regular query's column - its window start
+    int64_t reach() const { return dw * (kw - 1); }   // a window's last column - its first
 };
 
 // 16 neighbouring queries of a row (columns c0 .. c0 + 15).
 struct Lanes {
     int64_t c0;
-    bool uniform;  // lane j's window starts at column base + j (no border in the block)
+    bool uniform;  // every lane regular: lane j's window starts at column base + j (no border in the block)
     int64_t base;  // otherwise: the first of 32 key columns that hold every lane's window start
     vi slot;       // otherwise: lane j's window start - base
     // Otherwise, when every lane's whole window lies in 32 columns (small kernels): lane j's key of column offset b
@@ -46,16 +52,26 @@ struct Lanes {
     std::vector<vi> span;
     vi active;     // -1 where lane j is this block's query (a row's last block repeats earlier columns when 16 does
                    // not divide W: those lanes are computed again but not counted twice in the backward)
-    // Otherwise, for the backward: round t adds lane from[t][h][i] into key column base + 16 h + i where has[..].
-    std::vector<vi> from, has;  // 2 per round
+    vi gathered;   // -1 where lane j is active and regular: its dk, dv contributions are gathered per key
+    std::vector<std::pair<int, int64_t>> border;  // the other active lanes: (lane, index among the row's border queries)
 };
 
-// The column blocks of a row; false when the kernel cannot take this geometry (W < 16, or a border block whose
-// window starts span more than the 32 columns two loads cover; the caller then uses the tile kernel).
-bool column_blocks(const Geo& g, std::vector<Lanes>& out) {
+// The column blocks of a row, and its border queries (active, not regular), in column order; runs of them share a
+// window start (the queries whose window was clamped at a border): run i is [runs[i], runs[i + 1]).
+struct Columns {
+    std::vector<Lanes> blocks;
+    std::vector<int64_t> border, runs;
+};
+
+// The columns of a row; false when the kernel cannot take this geometry (W < 16, or a border block whose window
+// starts span more than the 32 columns two loads cover; the caller then uses the tile kernel).
+bool column_blocks(const Geo& g, Columns& cols) {
+    std::vector<Lanes>& out = cols.blocks;
     out.clear();
+    cols.border.clear();
+    cols.runs.clear();
     if (g.W < VL) return false;
-    const int64_t reach = g.dw * (g.kw - 1);  // a window's last column - its first
+    const int64_t reach = g.reach();
     for (int64_t next = 0; next < g.W; next += VL) {
         Lanes L;
         L.c0 = std::min(next, g.W - VL);
@@ -63,10 +79,12 @@ bool column_blocks(const Geo& g, std::vector<Lanes>& out) {
         int32_t lo = cs[0], hi = cs[0];
         L.uniform = true;
         for (int j = 0; j < VL; ++j) {
+            const bool regular = cs[j] == L.c0 + j - g.centre();
             L.active[j] = L.c0 + j >= next ? -1 : 0;
+            L.gathered[j] = L.active[j] && regular ? -1 : 0;
             lo = std::min(lo, cs[j]);
             hi = std::max(hi, cs[j]);
-            L.uniform = L.uniform && cs[j] == cs[0] + j;
+            L.uniform = L.uniform && regular;
         }
         if (L.uniform) {
             L.base = cs[0];
@@ -75,27 +93,20 @@ bool column_blocks(const Geo& g, std::vector<Lanes>& out) {
             L.base = std::min<int64_t>(lo, g.W - 2 * VL - reach);  // two loads at base + offset stay in the row
             L.wbase = std::min<int64_t>(lo, g.W - 2 * VL);
             if (L.base < 0 || hi - L.base >= 2 * VL) return false;
-            int rank[VL], rounds = 0;
             for (int j = 0; j < VL; ++j) {
                 L.slot[j] = cs[j] - (int32_t)L.base;
-                rank[j] = 0;
-                if (!L.active[j]) continue;
-                for (int i = 0; i < j; ++i) rank[j] += L.active[i] && cs[i] == cs[j];
-                rounds = std::max(rounds, rank[j] + 1);
+                if (!L.active[j] || L.gathered[j]) continue;
+                const int64_t c = L.c0 + j;
+                if (cols.border.empty() || g.cs[cols.border.back()] != cs[j]) cols.runs.push_back(cols.border.size());
+                L.border.push_back({j, (int64_t)cols.border.size()});
+                cols.border.push_back(c);
             }
             if (hi - L.wbase + reach < 2 * VL)
                 for (int64_t b = 0; b < g.kw; ++b) L.span.push_back(L.slot + (int32_t)(L.base - L.wbase + g.dw * b));
-            L.from.assign(2 * rounds, vi{});
-            L.has.assign(2 * rounds, vi{});
-            for (int j = 0; j < VL; ++j) {
-                if (!L.active[j]) continue;
-                const int s = L.slot[j];
-                L.from[2 * rank[j] + s / VL][s % VL] = j;
-                L.has[2 * rank[j] + s / VL][s % VL] = -1;
-            }
         }
         out.push_back(std::move(L));
     }
+    cols.runs.push_back(cols.border.size());
     return true;
 }
 
@@ -206,37 +217,86 @@ void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const
     });
 }
 
-// The transpose of weighted(): the lanes' key of offset (a, b) in y's channel c += P[a][b] * x_c, for every channel
-// (dv += p^T dO, dk += dS^T q). Border blocks permute the lanes out into key columns, one round per lane rank.
-template <bool U>
-void scatter(const Geo& g, int64_t C, const float* P, const float* x, int64_t xs, const Planes<float>& y, int64_t bh,
-             const int64_t* krow, const Lanes& L, float xscale) {
-    const int64_t ys = y.sc;
-    const int rounds = (int)L.from.size() / 2;
+// The border queries' part of dk, dv for one query row: y(c, krow[a])[start + dw b] += sum over the queries of a
+// run (one shared window start) of X(c)[query] * Wt[query][a][b]. Wt: per border query, kh rows of kwp = kw rounded
+// up to whole vectors (zero beyond kw). A handful of queries per row, each run summed in registers before its keys
+// are written once.
+void border_add(const Geo& g, int64_t C, const float* Wt, const Planes<const float>& X, float xscale, int64_t r,
+                const Planes<float>& y, int64_t bh, const int64_t* krow, const Columns& cols) {
+    const int64_t kwp = round_up(g.kw), nq = (int64_t)cols.border.size();
+    std::vector<float> xb(C * nq);  // the border queries' values, scaled: xb[c nq + i]
+    for (int64_t c = 0; c < C; ++c)
+        for (int64_t i = 0; i < nq; ++i) xb[c * nq + i] = X.at(bh, c, r)[cols.border[i]] * xscale;
+    for (size_t run = 0; run + 1 < cols.runs.size(); ++run) {
+        const int64_t i0 = cols.runs[run], i1 = cols.runs[run + 1], start = g.cs[cols.border[i0]];
+        for (int64_t a = 0; a < g.kh; ++a)
+            for (int64_t b0 = 0; b0 < g.kw; b0 += VL)
+                chunks(C, [&](auto nc, int64_t c0) {  // NC channels at once: independent sums over the run
+                    constexpr int NC = decltype(nc)::value;
+                    vf acc[NC];
+                    for (int c = 0; c < NC; ++c) acc[c] = splat(0.0f);
+                    for (int64_t i = i0; i < i1; ++i) {
+                        const vf w = load(Wt + (i * g.kh + a) * kwp + b0);
+                        for (int c = 0; c < NC; ++c) acc[c] += xb[(c0 + c) * nq + i] * w;
+                    }
+                    const int64_t nb = std::min<int64_t>(VL, g.kw - b0);
+                    for (int c = 0; c < NC; ++c) {
+                        float* dst = y.at(bh, c0 + c, krow[a]) + start + g.dw * b0;
+                        if (g.dw == 1 && nb == VL) {
+                            store(dst, load(dst) + acc[c]);
+                        } else {
+                            for (int64_t l = 0; l < nb; ++l) dst[g.dw * l] += acc[c][l];
+                        }
+                    }
+                });
+    }
+}
+
+// A query row's values per window offset, by column, for the backward's gather: row (a, b) of kh kw rows of
+// W + 2 pad floats, zero except at the gathered (regular) queries' columns.
+struct RowBuffer {
+    int64_t pad, ld;
+    std::vector<float> v;
+    RowBuffer(const Geo& g, int64_t rows) : pad(round_up(g.reach())), ld(g.W + 2 * pad), v(rows * ld, 0.0f) {}
+    float* row(int64_t i) { return v.data() + i * ld + pad; }  // column 0 of row i
+};
+
+// The key rows krow[a] of y, channels [0, C): y(c, krow[a])[x] += sum_b Wt(a, b)[x + centre - dw b] * X(c)[same],
+// for every key column x: each block of 16 keys sums its kw contributions from the query row in registers and is
+// written once (dv from p and dO, dk from dS and scale q). Queries that are not gathered have zero weights. Two key
+// rows at a time: the query values X are the same for every key row, so each load of them serves both.
+template <int A>
+void gather_rows(const Geo& g, int64_t C, RowBuffer& Wt, RowBuffer& X, const Planes<float>& y, int64_t bh,
+                 const int64_t* krow, int64_t a0, const Lanes& L) {
     chunks(C, [&](auto nc, int64_t c0) {
         constexpr int NC = decltype(nc)::value;
-        vf xv[NC];
-        for (int c = 0; c < NC; ++c) xv[c] = load(x + (c0 + c) * xs) * xscale;
-        for (int64_t a = 0; a < g.kh; ++a) {
-            float* ya = y.at(bh, c0, krow[a]) + L.base;
-            for (int64_t b = 0; b < g.kw; ++b) {
-                const vf p = load(P + (a * g.kw + b) * VL);
-                for (int c = 0; c < NC; ++c) {
-                    float* t = ya + c * ys + b * g.dw;
-                    const vf add = p * xv[c];
-                    if (U) {
-                        store(t, load(t) + add);
-                        continue;
-                    }
-                    for (int r = 0; r < rounds; ++r)
-                        for (int h = 0; h < 2; ++h) {
-                            const vi part = (vi)__builtin_shuffle(add, L.from[2 * r + h]) & L.has[2 * r + h];
-                            store(t + h * VL, load(t + h * VL) + (vf)part);
-                        }
-                }
+        vf acc[A][NC];
+        for (int a = 0; a < A; ++a)
+            for (int c = 0; c < NC; ++c) acc[a][c] = splat(0.0f);
+        for (int64_t b = 0; b < g.kw; ++b) {
+            const int64_t q = L.c0 + g.centre() - g.dw * b;  // the queries that see these keys at offset b
+            vf p[A];
+            for (int a = 0; a < A; ++a) p[a] = load(Wt.row((a0 + a) * g.kw + b) + q);
+            for (int c = 0; c < NC; ++c) {
+                const vf x = in_register(load(X.row(c0 + c) + q));
+                for (int a = 0; a < A; ++a) acc[a][c] += p[a] * x;
             }
         }
+        for (int a = 0; a < A; ++a)
+            for (int c = 0; c < NC; ++c) {
+                float* t = y.at(bh, c0 + c, krow[a0 + a]) + L.c0;
+                store(t, load(t) + (L.active ? acc[a][c] : splat(0.0f)));
+            }
     });
+}
+
+void gather_add(const Geo& g, int64_t C, RowBuffer& Wt, RowBuffer& X, const Planes<float>& y, int64_t bh,
+                const int64_t* krow, const std::vector<Lanes>& blocks) {
+    for (const Lanes& L : blocks) {
+        int64_t a = 0;
+        for (; a + 2 <= g.kh; a += 2) gather_rows<2>(g, C, Wt, X, y, bh, krow, a, L);
+        if (a < g.kh) gather_rows<1>(g, C, Wt, X, y, bh, krow, a, L);
+    }
 }
 
 struct Operands {
@@ -272,30 +332,83 @@ void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band
     });
 }
 
-// Backward of one column block of one query row (band of R = 1).
-template <bool U>
-void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* P,
-                    float* dS, float* scratch) {
-    const int64_t r = band.r[0], c0 = L.c0, n = g.kh * g.kw;
-    const float* xq = X.q.at(bh, 0, r) + c0;
-    const float* xdo = X.dout.at(bh, 0, r) + c0;
-    dots<1, U>(g, g.D, &xq, X.q.sc, X.k, bh, band, L, &P, scratch);
-    const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0);
-    for (int64_t i = 0; i < n; ++i) {  // p = exp(scale s - lse); 0 on lanes another block owns
-        const vf p = vexp(load(P + i * VL) * g.scale - lse);
-        store(P + i * VL, L.active ? p : splat(0.0f));
+// What the backward keeps per query row of a band: p and dS of the current block (kh kw vectors), and for the
+// whole row those of the gathered queries (row buffers) and of the border queries (by window row, for border_add).
+struct RowWork {
+    std::vector<float> P, dS;
+    RowBuffer Prow, dSrow;
+    std::vector<float> Pb, dSb;
+    RowWork(const Geo& g, const Columns& cols)
+        : P(g.kh * g.kw * VL), dS(P.size()), Prow(g, g.kh * g.kw), dSrow(g, g.kh * g.kw),
+          Pb(cols.border.size() * g.kh * round_up(g.kw), 0.0f), dSb(Pb.size(), 0.0f) {}
+};
+
+// Backward of one column block of the band's R query rows: dq; p and dS into each row's RowWork.
+template <int R, bool U>
+void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, RowWork* w,
+                    float* scratch) {
+    const int64_t c0 = L.c0, n = g.kh * g.kw;
+    const float *xq[R], *xdo[R];
+    float *P[R], *dS[R];
+    for (int i = 0; i < R; ++i) {
+        xq[i] = X.q.at(bh, 0, band.r[i]) + c0;
+        xdo[i] = X.dout.at(bh, 0, band.r[i]) + c0;
+        P[i] = w[i].P.data();
+        dS[i] = w[i].dS.data();
     }
-    dots<1, U>(g, g.Dv, &xdo, X.dout.sc, X.v, bh, band, L, &dS, scratch);  // dp = dO v^T
-    vf delta = splat(0.0f);  // rowsum(dO * O)
-    for (int64_t c = 0; c < g.Dv; ++c) delta += load(X.dout.at(bh, c, r) + c0) * load(X.out.at(bh, c, r) + c0);
-    for (int64_t i = 0; i < n; ++i) store(dS + i * VL, load(P + i * VL) * (load(dS + i * VL) - delta));
-    const float* ds = dS;
-    weighted<1, U>(g, g.D, &ds, X.k, bh, band, L, nullptr, [&](int, int64_t c, vf acc) {  // dq = scale dS k
-        float* dq = X.dq.at(bh, c, r) + c0;
+    dots<R, U>(g, g.D, xq, X.q.sc, X.k, bh, band, L, P, scratch);
+    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v, bh, band, L, dS, scratch);  // dp = dO v^T
+    for (int i = 0; i < R; ++i) {
+        const int64_t r = band.r[i];
+        const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0);
+        vf delta = splat(0.0f);  // rowsum(dO * O)
+        for (int64_t c = 0; c < g.Dv; ++c) delta += load(X.dout.at(bh, c, r) + c0) * load(X.out.at(bh, c, r) + c0);
+        for (int64_t j = 0; j < n; ++j) {  // p = exp(scale s - lse), dS = p (dp - delta); 0 on lanes another block owns
+            const vf p = L.active ? vexp(load(P[i] + j * VL) * g.scale - lse) : splat(0.0f);
+            const vf ds = p * (load(dS[i] + j * VL) - delta);
+            store(P[i] + j * VL, p);
+            store(dS[i] + j * VL, ds);
+            float* pr = w[i].Prow.row(j) + c0;
+            float* dr = w[i].dSrow.row(j) + c0;
+            store(pr, L.gathered ? p : load(pr));
+            store(dr, L.gathered ? ds : load(dr));
+        }
+        const int64_t kwp = round_up(g.kw);
+        for (const auto& [lane, idx] : L.border)  // border queries by window row
+            for (int64_t a = 0; a < g.kh; ++a)
+                for (int64_t b = 0; b < g.kw; ++b) {
+                    w[i].Pb[(idx * g.kh + a) * kwp + b] = P[i][(a * g.kw + b) * VL + lane];
+                    w[i].dSb[(idx * g.kh + a) * kwp + b] = dS[i][(a * g.kw + b) * VL + lane];
+                }
+    }
+    const float* ds[R];
+    for (int i = 0; i < R; ++i) ds[i] = dS[i];
+    weighted<R, U>(g, g.D, ds, X.k, bh, band, L, scratch + g.kw * VL, [&](int i, int64_t c, vf acc) {  // dq
+        float* dq = X.dq.at(bh, c, band.r[i]) + c0;
         store(dq, L.active ? acc * g.scale : load(dq));
     });
-    scatter<U>(g, g.Dv, P, xdo, X.dout.sc, X.dv, bh, band.krow.data(), L, 1.0f);
-    scatter<U>(g, g.D, dS, xq, X.q.sc, X.dk, bh, band.krow.data(), L, g.scale);
+}
+
+// A query row's channels [0, C) of x, times s, into a row buffer (its padding stays zero).
+void copy_row(const Planes<const float>& x, int64_t bh, int64_t r, int64_t C, float s, const Geo& g, RowBuffer& out) {
+    for (int64_t c = 0; c < C; ++c) {
+        const float* src = x.at(bh, c, r);
+        float* dst = out.row(c);
+        for (int64_t i = 0; i < g.W; ++i) dst[i] = src[i] * s;
+    }
+}
+
+// The bands of both directions, (first row, rows): rows r and r + dh (same dilation group) paired where their
+// windows start at most one key row apart.
+std::vector<std::pair<int64_t, int>> row_bands(const Geo& g) {
+    std::vector<std::pair<int64_t, int>> bands;
+    for (int64_t r0 = 0; r0 < g.H; ++r0) {
+        if (r0 / g.dh % 2) continue;  // the second row of a pair
+        const bool pair = r0 + g.dh < g.H && (g.rs[r0 + g.dh] == g.rs[r0] || g.rs[r0 + g.dh] == g.rs[r0] + g.dh);
+        bands.push_back({r0, pair ? 2 : 1});
+        if (!pair && r0 + g.dh < g.H) bands.push_back({r0 + g.dh, 1});
+    }
+    return bands;
 }
 
 Geo geometry(const int64_t* sizes, const int32_t* rs, const int32_t* cs, float scale) {
@@ -325,8 +438,8 @@ extern "C" {
 // 1 when the kernel takes this geometry, else 0 (see column_blocks). sizes: [B * heads, D, Dv, H, W, kh, kw, dh,
 // dw, heads].
 int attnlab_na_supported(const int64_t* sizes, const int32_t* cs) {
-    std::vector<Lanes> blocks;
-    return column_blocks(geometry(sizes, nullptr, cs, 1.0f), blocks) ? 1 : 0;
+    Columns cols;
+    return column_blocks(geometry(sizes, nullptr, cs, 1.0f), cols) ? 1 : 0;
 }
 
 // ptrs q, k, v, o, lse with strides [batch, head, channel, row] each (lse: contiguous (B, heads, H, W), its strides
@@ -335,20 +448,14 @@ int attnlab_na_supported(const int64_t* sizes, const int32_t* cs) {
 int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                        const int32_t* rs, const int32_t* cs, int threads) {
     const Geo g = geometry(sizes, rs, cs, scale);
-    std::vector<Lanes> blocks;
-    if (!column_blocks(g, blocks)) return -1;
+    Columns cols;
+    if (!column_blocks(g, cols)) return -1;
+    const std::vector<Lanes>& blocks = cols.blocks;
     Operands X = inputs(ptrs, strides, sizes);
     X.o = planes<float>(ptrs, strides, 3, sizes);
     X.lse = static_cast<float*>(ptrs[4]);
-    // Work items: (bh, band, part of the row's blocks). Bands pair rows r and r + dh (same dilation group) whose
-    // windows start at most one key row apart; a 1-D input (one row) is split along the row instead.
-    std::vector<std::pair<int64_t, int>> bands;  // (first row, rows)
-    for (int64_t r0 = 0; r0 < g.H; ++r0) {
-        if (r0 / g.dh % 2) continue;  // the second row of a pair
-        const bool pair = r0 + g.dh < g.H && (g.rs[r0 + g.dh] == g.rs[r0] || g.rs[r0 + g.dh] == g.rs[r0] + g.dh);
-        bands.push_back({r0, pair ? 2 : 1});
-        if (!pair && r0 + g.dh < g.H) bands.push_back({r0 + g.dh, 1});
-    }
+    // Work items: (bh, band, part of the row's blocks); a 1-D input (one row) is split along the row.
+    const std::vector<std::pair<int64_t, int>> bands = row_bands(g);
     const int64_t nb = (int64_t)blocks.size(), nbands = (int64_t)bands.size();
     const int64_t items = std::max<int64_t>(1, g.BH * nbands);
     const int64_t parts = std::min<int64_t>(nb, std::max<int64_t>(1, 4 * threads / items));
@@ -377,12 +484,12 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
 }
 
 // ptrs q, k, v, o, lse, dout, dq, dk, dv (strides as the forward); dk and dv are added into (the caller zeroes
-// them), dq is written. One thread per (batch, head) plane.
+// them), dq is written. One thread per (batch, head) plane; per band of rows, its blocks, then its keys.
 int attnlab_na_backward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                         const int32_t* rs, const int32_t* cs, int threads) {
     const Geo g = geometry(sizes, rs, cs, scale);
-    std::vector<Lanes> blocks;
-    if (!column_blocks(g, blocks)) return -1;
+    Columns cols;
+    if (!column_blocks(g, cols)) return -1;
     Operands X = inputs(ptrs, strides, sizes);
     X.out = planes<const float>(ptrs, strides, 3, sizes);
     X.lse_saved = static_cast<const float*>(ptrs[4]);
@@ -390,15 +497,32 @@ int attnlab_na_backward(const int64_t* sizes, const int64_t* strides, void* cons
     X.dq = planes<float>(ptrs, strides, 6, sizes);
     X.dk = planes<float>(ptrs, strides, 7, sizes);
     X.dv = planes<float>(ptrs, strides, 8, sizes);
+    const std::vector<std::pair<int64_t, int>> bands = row_bands(g);
     parallel(g.BH, threads, [&](int64_t begin, int64_t end) {
-        std::vector<float> P(g.kh * g.kw * VL), dS(g.kh * g.kw * VL), scratch(g.kw * VL);
+        RowWork w[2] = {RowWork(g, cols), RowWork(g, cols)};
+        RowBuffer xrow(g, std::max(g.D, g.Dv));
+        std::vector<float> scratch(2 * g.kw * VL, 0.0f);  // kw vectors of scratch, then kw zero vectors
         Band band;
         for (int64_t bh = begin; bh < end; ++bh)
-            for (int64_t r = 0; r < g.H; ++r) {
-                make_band(g, 1, r, band);
-                for (const Lanes& L : blocks) {
-                    if (L.uniform) block_backward<true>(g, X, bh, band, L, P.data(), dS.data(), scratch.data());
-                    else block_backward<false>(g, X, bh, band, L, P.data(), dS.data(), scratch.data());
+            for (const auto& [r0, R] : bands) {
+                make_band(g, R, r0, band);
+                for (const Lanes& L : cols.blocks) {
+                    if (R == 2) {
+                        auto run = L.uniform ? block_backward<2, true> : block_backward<2, false>;
+                        run(g, X, bh, band, L, w, scratch.data());
+                    } else {
+                        auto run = L.uniform ? block_backward<1, true> : block_backward<1, false>;
+                        run(g, X, bh, band, L, w, scratch.data());
+                    }
+                }
+                for (int i = 0; i < R; ++i) {  // each row's keys: dv += p^T dO, dk += scale dS^T q
+                    const int64_t r = band.r[i], *krow = band.krow.data() + band.shift[i];
+                    copy_row(X.dout, bh, r, g.Dv, 1.0f, g, xrow);
+                    gather_add(g, g.Dv, w[i].Prow, xrow, X.dv, bh, krow, cols.blocks);
+                    border_add(g, g.Dv, w[i].Pb.data(), X.dout, 1.0f, r, X.dv, bh, krow, cols);
+                    copy_row(X.q, bh, r, g.D, g.scale, g, xrow);
+                    gather_add(g, g.D, w[i].dSrow, xrow, X.dk, bh, krow, cols.blocks);
+                    border_add(g, g.D, w[i].dSb.data(), X.q, g.scale, r, X.dk, bh, krow, cols);
                 }
             }
     });
