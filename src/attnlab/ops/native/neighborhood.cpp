@@ -129,19 +129,19 @@ inline void chunks(int64_t total, F&& f) {
 // R query rows (1 or 2) computed together because they read the same key rows, so each key vector loaded serves
 // both (loads, not FMAs, bound these loops): the band's key row t is krow[t]; query row i's window row a is the
 // band's key row a + shift[i]. Key rows a row does not use are computed against zero weights / into scratch.
+constexpr int MAXR = 3;  // 3 rows x 8 accumulators + their operands fill the 32 AVX-512 registers
 struct Band {
-    int64_t r[2], shift[2], nt;
+    int64_t r[MAXR], shift[MAXR], nt;
     std::vector<int64_t> krow;
 };
 
 // The band of query rows r0 and (R = 2) r1 = r0 + dh, whose windows start at most one key row apart.
 inline void make_band(const Geo& g, int R, int64_t r0, Band& band) {
-    const int64_t step = R == 2 ? (g.rs[r0 + g.dh] - g.rs[r0]) / g.dh : 0;
-    band.r[0] = r0;
-    band.r[1] = r0 + g.dh;
-    band.shift[0] = 0;
-    band.shift[1] = step;
-    band.nt = g.kh + step;
+    for (int i = 0; i < R; ++i) {
+        band.r[i] = r0 + i * g.dh;
+        band.shift[i] = (g.rs[band.r[i]] - g.rs[r0]) / g.dh;
+    }
+    band.nt = g.kh + band.shift[R - 1];
     band.krow.resize(band.nt);
     for (int64_t t = 0; t < band.nt; ++t) band.krow[t] = g.rs[r0] + g.dh * t;
 }
@@ -402,13 +402,27 @@ void copy_row(const Planes<const float>& x, int64_t bh, int64_t r, int64_t C, fl
 // windows start at most one key row apart.
 std::vector<std::pair<int64_t, int>> row_bands(const Geo& g) {
     std::vector<std::pair<int64_t, int>> bands;
+    std::vector<bool> done(g.H, false);
     for (int64_t r0 = 0; r0 < g.H; ++r0) {
-        if (r0 / g.dh % 2) continue;  // the second row of a pair
-        const bool pair = r0 + g.dh < g.H && (g.rs[r0 + g.dh] == g.rs[r0] || g.rs[r0 + g.dh] == g.rs[r0] + g.dh);
-        bands.push_back({r0, pair ? 2 : 1});
-        if (!pair && r0 + g.dh < g.H) bands.push_back({r0 + g.dh, 1});
+        if (done[r0]) continue;
+        int R = 1;
+        while (R < MAXR && r0 + R * g.dh < g.H) {  // the next row of the group starts 0 or 1 key row later
+            const int64_t step = g.rs[r0 + R * g.dh] - g.rs[r0 + (R - 1) * g.dh];
+            if (step != 0 && step != g.dh) break;
+            ++R;
+        }
+        for (int i = 0; i < R; ++i) done[r0 + i * g.dh] = true;
+        bands.push_back({r0, R});
     }
     return bands;
+}
+
+// Calls f(std::integral_constant<int, R>{}) for a band's run-time row count.
+template <class F>
+inline void with_rows(int R, F&& f) {
+    if (R == 3) f(std::integral_constant<int, 3>{});
+    else if (R == 2) f(std::integral_constant<int, 2>{});
+    else f(std::integral_constant<int, 1>{});
 }
 
 Geo geometry(const int64_t* sizes, const int32_t* rs, const int32_t* cs, float scale) {
@@ -460,9 +474,10 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
     const int64_t items = std::max<int64_t>(1, g.BH * nbands);
     const int64_t parts = std::min<int64_t>(nb, std::max<int64_t>(1, 4 * threads / items));
     parallel(g.BH * nbands * parts, threads, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf(2 * g.kh * g.kw * VL + 2 * g.kw * VL, 0.0f);
-        float* S[2] = {buf.data(), buf.data() + g.kh * g.kw * VL};
-        float* scratch = buf.data() + 2 * g.kh * g.kw * VL;  // kw vectors of scratch, then kw zero vectors
+        std::vector<float> buf(MAXR * g.kh * g.kw * VL + 2 * g.kw * VL, 0.0f);
+        float* S[MAXR];
+        for (int i = 0; i < MAXR; ++i) S[i] = buf.data() + i * g.kh * g.kw * VL;
+        float* scratch = buf.data() + MAXR * g.kh * g.kw * VL;  // kw vectors of scratch, then kw zero vectors
         Band band;
         for (int64_t it = begin; it < end; ++it) {
             const int64_t part = it % parts, k = it / parts % nbands, bh = it / parts / nbands;
@@ -470,13 +485,11 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
             make_band(g, R, bands[k].first, band);
             for (int64_t i = nb * part / parts; i < nb * (part + 1) / parts; ++i) {
                 const Lanes& L = blocks[i];
-                if (R == 2) {
-                    if (L.uniform) block_forward<2, true>(g, X, bh, band, L, S, scratch);
-                    else block_forward<2, false>(g, X, bh, band, L, S, scratch);
-                } else {
-                    if (L.uniform) block_forward<1, true>(g, X, bh, band, L, S, scratch);
-                    else block_forward<1, false>(g, X, bh, band, L, S, scratch);
-                }
+                with_rows(R, [&](auto rows) {
+                    constexpr int NR = decltype(rows)::value;
+                    if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S, scratch);
+                    else block_forward<NR, false>(g, X, bh, band, L, S, scratch);
+                });
             }
         }
     });
@@ -499,7 +512,7 @@ int attnlab_na_backward(const int64_t* sizes, const int64_t* strides, void* cons
     X.dv = planes<float>(ptrs, strides, 8, sizes);
     const std::vector<std::pair<int64_t, int>> bands = row_bands(g);
     parallel(g.BH, threads, [&](int64_t begin, int64_t end) {
-        RowWork w[2] = {RowWork(g, cols), RowWork(g, cols)};
+        std::vector<RowWork> w(MAXR, RowWork(g, cols));
         RowBuffer xrow(g, std::max(g.D, g.Dv));
         std::vector<float> scratch(2 * g.kw * VL, 0.0f);  // kw vectors of scratch, then kw zero vectors
         Band band;
@@ -507,13 +520,11 @@ int attnlab_na_backward(const int64_t* sizes, const int64_t* strides, void* cons
             for (const auto& [r0, R] : bands) {
                 make_band(g, R, r0, band);
                 for (const Lanes& L : cols.blocks) {
-                    if (R == 2) {
-                        auto run = L.uniform ? block_backward<2, true> : block_backward<2, false>;
-                        run(g, X, bh, band, L, w, scratch.data());
-                    } else {
-                        auto run = L.uniform ? block_backward<1, true> : block_backward<1, false>;
-                        run(g, X, bh, band, L, w, scratch.data());
-                    }
+                    with_rows(R, [&](auto rows) {
+                        constexpr int NR = decltype(rows)::value;
+                        auto run = L.uniform ? block_backward<NR, true> : block_backward<NR, false>;
+                        run(g, X, bh, band, L, w.data(), scratch.data());
+                    });
                 }
                 for (int i = 0; i < R; ++i) {  // each row's keys: dv += p^T dO, dk += scale dS^T q
                     const int64_t r = band.r[i], *krow = band.krow.data() + band.shift[i];
