@@ -306,14 +306,16 @@ def _na_flops(batch, n, heads, head_dim, causal=False, kernel_size=7, dilation=1
             "causal); the window shifts inward at the borders.",
 )
 class NeighborhoodAttention(Mechanism):
-    """Neighborhood attention (NA) in 1-D and 2-D with dilation, computed as tiled attention (GEMMs, fused mask).
+    """Neighborhood attention (NA) in 1-D and 2-D with dilation: on float32 CPU maps wide enough, the fused
+    per-query kernel (exactly ``k_h x k_w`` keys per query, forward and backward); otherwise tiled attention (GEMMs,
+    fused mask).
 
     Args:
         dim, heads, head_dim: widths.
         kernel_size: odd neighborhood size, an int or a per-axis pair for 2-D (clamped to the axis length).
         dilation: spacing of the neighbours (int or pair); positions form ``dilation`` interleaved groups.
-        tile: query tile length per axis of the fast path (default from the kernel).
-        backend: ``"fast"`` (tiled) or ``"reference"`` (dense neighborhood mask).
+        tile: query tile length per axis of the tiled path (default from the kernel); setting it keeps that path.
+        backend: ``"fast"`` (per-query kernel or tiles) or ``"reference"`` (dense neighborhood mask).
 
     ``causal=True``: 1-D causal NA (keys ``i - kernel + 1 .. i``, as NATTEN). On 2-D maps, raster-order causal: the
     causal window on rows, the full window on columns, and in the query's own row only the columns up to it
