@@ -300,6 +300,28 @@ def test_davit_channel_attention_is_the_papers_equation():
     torch.testing.assert_close(out, want, **F64)
 
 
+def test_davit_module_takes_the_native_channel_products_in_float32(monkeypatch):
+    from attnlab.ops import native
+    if not native.available():
+        pytest.skip(f"native kernel: {native.status()}")
+    calls = []
+    real = native.channel_attention
+    monkeypatch.setattr(native, "channel_attention", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    m = attnlab.create("davit", dim=64, heads=4, window_size=4, mode="dual")  # channel groups of 16
+    x = torch.randn(2, 48, 64, requires_grad=True)
+    y = m(x, hw=(6, 8))
+    assert calls == [1]
+    with native.disabled():  # PyTorch's matmuls
+        ref = m(x, hw=(6, 8))
+    assert calls == [1]
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad((y * w).sum(), [x, *m.parameters()]),
+                    torch.autograd.grad((ref * w).sum(), [x, *m.parameters()])):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_duoformer_region_must_divide_by_coarsest_scale():
     with pytest.raises(ValueError, match="multiple"):
         attnlab.create("duoformer", dim=32, heads=4, scales=3, region=6)

@@ -38,6 +38,10 @@ CASES = {  # T, Hq, Hkv, tq, tk, D, Dv, mask kind
     "one query one key": (2, 2, 2, 1, 1, 16, 16, None),
     "bias per head, shared by tiles": (4, 2, 2, 17, 17, 8, 8, "float-head"),
     "bias per tile and head": (2, 2, 1, 16, 33, 48, 40, "float-full"),
+    # key columns in one register block: logits and softmax fused (up to 96 keys), with and without a mask
+    "fused, mask, a query sees nothing": (3, 2, 2, 20, 48, 16, 16, "float-tile"),
+    "fused, bias per head, 32 keys": (2, 2, 2, 9, 32, 8, 16, "float-head"),
+    "fused, 84 keys (six vectors)": (2, 2, 2, 84, 84, 64, 64, None),
 }
 
 
@@ -285,3 +289,75 @@ def test_the_built_library_is_reused_not_rebuilt(fresh_state, monkeypatch):
     monkeypatch.setattr(native.subprocess, "run", lambda *a, **kw: calls.append(a) or real_run(*a, **kw))
     native._build()  # same source, flags and CPU: the cached library, no compiler call
     assert not calls and lib.stat().st_mtime_ns == stamp
+
+
+# ------------------------------------------------------------------ strided products and channel attention
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("a_by", ["rows", "columns"])
+def test_matmul_equals_torch_on_strided_operands(a_by, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the split into K parts depends on it
+    g = torch.Generator().manual_seed(0)
+    B, G, M, K, N = 2, 3, 300, 290, 32  # M over one 256-row block, K over two 128-column panels
+    if a_by == "rows":  # token-major: (B, M, G, K) viewed as (B, G, M, K)
+        a = torch.randn(B, M, G, K, generator=g).transpose(1, 2)
+    else:  # a transposed view: (B, K, G, M) -> (B, G, M, K), unit row stride
+        a = torch.randn(B, K, G, M, generator=g).permute(0, 2, 3, 1)
+    b = torch.randn(B, K, G, N, generator=g).transpose(1, 2)
+    want = a.double() @ b.double()
+    torch.testing.assert_close(native.matmul(a, b).double(), want, atol=1e-4, rtol=1e-5)
+    out = torch.randn(B, G, M, N, generator=g)
+    before = out.clone()
+    native.matmul(a, b, out, accumulate=True)
+    torch.testing.assert_close(out.double(), before.double() + want, atol=1e-4, rtol=1e-5)
+    shared = torch.randn(1, G, K, N, generator=g).expand(B, G, K, N)  # b broadcast over the batch (stride 0)
+    torch.testing.assert_close(native.matmul(a, shared).double(), a.double() @ shared.double(), atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_matmul_over_an_empty_reduction_is_zero_or_unchanged():
+    a, b = torch.randn(1, 2, 5, 0), torch.randn(1, 2, 0, 16)
+    assert native.matmul(a, b).abs().sum() == 0
+    out = torch.ones(1, 2, 5, 16)
+    assert torch.equal(native.matmul(a, b, out, accumulate=True), torch.ones(1, 2, 5, 16))
+
+
+@needs_kernel
+def test_matmul_refuses_what_it_cannot_take_with_the_shapes():
+    with pytest.raises(ValueError, match=r"a \(B, G, M, K\) and b \(B, G, K, N\), got \(1, 2, 5, 7\) and \(1, 2, 6, 16\)"):
+        native.matmul(torch.randn(1, 2, 5, 7), torch.randn(1, 2, 6, 16))
+    with pytest.raises(ValueError, match="N a multiple of 16.*N = 12"):
+        native.matmul(torch.randn(1, 2, 5, 7), torch.randn(1, 2, 7, 12))
+    with pytest.raises(ValueError, match="float32"):
+        native.matmul(torch.randn(1, 2, 5, 7, dtype=torch.float64), torch.randn(1, 2, 7, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"expected out \(1, 2, 5, 16\)"):
+        native.matmul(torch.randn(1, 2, 5, 7), torch.randn(1, 2, 7, 16), torch.empty(1, 2, 5, 32))
+
+
+@needs_kernel
+def test_channel_attention_equals_the_papers_equation_on_outputs_and_gradients():
+    from attnlab.mechanisms.local import channel_group_attention
+    g = torch.Generator().manual_seed(0)
+    B, G, N, d = 2, 3, 300, 16
+    q, k, v = (torch.randn(B, N, G, d, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    assert native.matmul_supports(q, k, v)
+    o = native.channel_attention(q, k, v)
+    assert o.transpose(1, 2).is_contiguous()  # token-major: the heads merge without a copy
+    ref = channel_group_attention(*(t.double() for t in (q, k, v)), reference=True)
+    torch.testing.assert_close(o.double(), ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(o.shape, generator=g)
+    mine = torch.autograd.grad((o * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w.double()).sum(), (q, k, v))
+    for a, b in zip(mine, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_channel_attention_is_taken_only_for_float32_widths_of_16():
+    q = torch.randn(1, 2, 10, 16)
+    assert native.matmul_supports(q) == native.available()
+    assert not native.matmul_supports(torch.randn(1, 2, 10, 8))
+    assert not native.matmul_supports(q.double())
+    with native.disabled():
+        assert not native.matmul_supports(q)

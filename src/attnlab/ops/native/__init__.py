@@ -38,7 +38,8 @@ from torch import Tensor
 from ...files import cache_dir
 
 __all__ = ["available", "status", "supports", "tile_attention", "indexed_attention", "key_ranges", "disabled",
-           "release_workspace", "MAX_TILE", "neighborhood_supports", "neighborhood_attention"]
+           "release_workspace", "MAX_TILE", "neighborhood_supports", "neighborhood_attention", "matmul_supports",
+           "matmul", "channel_attention"]
 
 _HERE = Path(__file__).parent
 # compiled together into one library; the header is hashed with them
@@ -83,6 +84,8 @@ def _build() -> ctypes.CDLL:
         fn.restype = i
     lib.attnlab_na_supported.argtypes = [p, p]
     lib.attnlab_na_supported.restype = i
+    lib.attnlab_gemm.argtypes = [p, p, p, i, i]
+    lib.attnlab_gemm.restype = i
     return lib
 
 
@@ -468,3 +471,92 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, row_starts: Tensor, 
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q, k, v = (_unit_last(t) for t in (q, k, v))
     return _Neighborhood.apply(q, k, v, rs, cs, tuple(kernel), tuple(dilation), scale)
+
+
+# ------------------------------------------------------------- strided products, channel attention (attnlab_gemm)
+
+
+def matmul_supports(*ts: Tensor) -> bool:
+    """Whether :func:`matmul` and :func:`channel_attention` take these operands: float32 CPU tensors of 4
+    dimensions whose last dimension (the columns of every product's B and C) is a multiple of 16, and the kernel
+    built."""
+    if getattr(_OFF, "on", False) or _lib() is None:
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4 and t.shape[-1] % 16 == 0
+               for t in ts)
+
+
+def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, accumulate: bool = False) -> Tensor:
+    """``out (B, G, M, N) (+)= a (B, G, M, K) @ b (B, G, K, N)`` on strided operands, read and written in place:
+    ``a`` by rows or by columns (either of its last two strides 1; a transposed view is not copied), ``b`` and
+    ``out`` with unit last stride, ``N`` a multiple of 16; ``b`` may broadcast over the batch (stride 0). Not
+    differentiable (a building block of :func:`channel_attention`). ``out`` is new (pooled) when not given."""
+    if _lib() is None:
+        raise RuntimeError(f"the native matmul is {status()}")
+    if a.dim() != 4 or b.dim() != 4 or a.shape[-1] != b.shape[-2] or a.shape[:2] != b.shape[:2]:
+        raise ValueError(f"matmul: expected a (B, G, M, K) and b (B, G, K, N), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    B, G, M, K = a.shape
+    N = b.shape[-1]
+    if out is None:
+        out = _POOL.zeros(B, G, M, N) if accumulate else _POOL.empty(B, G, M, N)
+    if out.shape != (B, G, M, N):
+        raise ValueError(f"matmul: expected out {(B, G, M, N)}, got {tuple(out.shape)}")
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (a, b, out)) or N % 16:
+        raise ValueError("matmul: expected float32 CPU operands and N a multiple of 16, got "
+                         f"{a.dtype}, {b.dtype}, {out.dtype} on {a.device} with N = {N}")
+    if a.stride(-1) != 1 and a.stride(-2) != 1:
+        a = a.contiguous()
+    b = _unit_last(b)
+    if out.stride(-1) != 1:
+        raise ValueError(f"matmul: out must have unit last stride, got strides {out.stride()}")
+    sizes = torch.tensor([B, G, M, N, K], dtype=torch.int64)
+    col = a.stride(-1) if a.stride(-2) == 1 and a.stride(-1) != 1 else 1  # read by columns (a transposed view)
+    st = torch.tensor([*a.stride()[:2], a.stride(-2) if col == 1 else 1, col, *b.stride()[:3], *out.stride()[:3]],
+                      dtype=torch.int64)
+    ptrs = (ctypes.c_void_p * 3)(a.data_ptr(), b.data_ptr(), out.data_ptr())
+    _LIB.attnlab_gemm(sizes.data_ptr(), st.data_ptr(), ptrs, int(accumulate), torch.get_num_threads())
+    return out
+
+
+def _token_major(like: Tensor) -> Tensor:
+    """An empty ``(B, G, N, d)`` result laid out as ``(B, N, G, d)``: the token-major layout the heads merge from
+    without a copy."""
+    B, G, N, d = like.shape
+    return _POOL.empty(B, N, G, d).transpose(1, 2)
+
+
+class _ChannelAttention(torch.autograd.Function):
+    """``out = V softmax(scale Q^T K)^T`` per (batch, group), every product through :func:`matmul`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        a = matmul(q.transpose(-1, -2), k).mul_(scale).softmax(-1)  # (B, G, d, d)
+        out = matmul(v, a.transpose(-1, -2).contiguous(), _token_major(v))
+        ctx.save_for_backward(q, k, v, a)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, a = ctx.saved_tensors
+        if do.stride(-1) != 1 and do.stride(-2) != 1:
+            do = do.contiguous()
+        dv = matmul(do, a, _token_major(v))  # out = V a^T: dV = dO a, da = dO^T V
+        da = matmul(do.transpose(-1, -2), v)
+        ds = a * (da - (da * a).sum(-1, keepdim=True)) * ctx.scale
+        dq = matmul(k, ds.transpose(-1, -2).contiguous(), _token_major(q))  # s = scale Q^T K
+        dk = matmul(q, ds, _token_major(k))
+        return dq, dk, dv, None
+
+
+def channel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """DaViT's channel attention on ``q, k, v (B, G, N, d)``: ``out = V softmax(scale Q^T K)^T`` (channels are the
+    tokens, pixels the features; ``scale`` defaults to ``d ** -0.5``), differentiable. The two products that
+    reduce over or run along all ``N`` pixels go through :func:`matmul` reading the token-major projections in
+    place; the result is ``(B, G, N, d)`` laid out token-major. Call when :func:`matmul_supports` is True."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"channel_attention: expected q, k, v (B, G, N, d) of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _ChannelAttention.apply(q, k, v, scale)

@@ -18,42 +18,62 @@
 namespace {
 
 // Matrix operands by rows: a dense buffer with a row stride, or an array of row pointers (rows read in place
-// from wherever the tile's tokens are).
+// from wherever the tile's tokens are); as the A of a product also by columns (a transposed operand read in place).
+// step(): the distance between consecutive elements of a row.
 struct Strided {
     const float* p;
     int64_t ld;
     const float* row(int64_t r) const { return p + r * ld; }
+    static constexpr int64_t step() { return 1; }
 };
 struct Rows {
     const float* const* p;
     const float* row(int64_t r) const { return p[r]; }
+    static constexpr int64_t step() { return 1; }
+};
+struct Transposed {  // element (i, k) at p[i + k * ld]
+    const float* p;
+    int64_t ld;
+    const float* row(int64_t r) const { return p + r; }
+    int64_t step() const { return ld; }
 };
 
-// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of VL (B's rows hold whole vectors). A is read one scalar at a time,
-// B and C by rows of vectors. The micro-kernel keeps an MR x NV block of C in registers across the whole K loop.
+// c[MR][NV] += A[i .. i + MR, :K] B[:K, j .. j + NV VL]: A read one scalar at a time, B by rows of vectors; the
+// MR x NV block stays in registers across the whole K loop.
 template <int MR, int NV, class AT, class BT>
-inline void micro(int64_t K, const AT& A, int64_t i, const BT& B, int64_t j, float* C, int64_t ldc, bool accumulate) {
-    vf c[MR][NV];
+inline void product(int64_t K, const AT& A, int64_t i, const BT& B, int64_t j, vf (&c)[MR][NV]) {
     const float* a[MR];
     for (int r = 0; r < MR; ++r) a[r] = A.row(i + r);
-    for (int r = 0; r < MR; ++r)
-        for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? load(C + r * ldc + v * VL) : splat(0.0f);
+    const int64_t step = A.step();
     for (int64_t k = 0; k < K; ++k) {
         vf b[NV];
         const float* bk = B.row(k) + j;
         for (int v = 0; v < NV; ++v) b[v] = load(bk + v * VL);
         for (int r = 0; r < MR; ++r) {
-            vf x = splat(a[r][k]);
+            vf x = splat(a[r][k * step]);
             for (int v = 0; v < NV; ++v) c[r][v] += x * b[v];
         }
     }
+}
+
+// C[M x N] (+)= A[M x K] B[K x N]; N a multiple of VL (B's rows hold whole vectors), one MR x NV block of C.
+template <int MR, int NV, class AT, class BT>
+inline void micro(int64_t K, const AT& A, int64_t i, const BT& B, int64_t j, float* C, int64_t ldc, bool accumulate) {
+    vf c[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? load(C + r * ldc + v * VL) : splat(0.0f);
+    product<MR, NV>(K, A, i, B, j, c);
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) store(C + r * ldc + v * VL, c[r][v]);
 }
 
+// Rows per register block for NV vectors of columns: MR * NV accumulators + NV + 1 vectors fit 32 AVX-512 registers.
+template <int NV>
+constexpr int rows_for() { return NV <= 2 ? 8 : NV <= 4 ? 6 : 4; }
+
 template <int NV, class AT, class BT>
 inline void rows_block(int64_t M, int64_t K, const AT& A, const BT& B, int64_t j, float* C, int64_t ldc, bool acc) {
-    constexpr int MR = NV <= 2 ? 8 : 6;  // MR * NV accumulators + NV + 1 vectors fit 32 AVX-512 registers
+    constexpr int MR = rows_for<NV>();
     int64_t i = 0;
     for (; i + MR <= M; i += MR) micro<MR, NV>(K, A, i, B, j, C + i * ldc, ldc, acc);
     upto8(M - i, [&](auto rows) {  // the last rows
@@ -156,11 +176,11 @@ struct Problem {
 
 // Per-thread scratch, sized once per call.
 struct Work {
-    std::vector<float> kt, vt, S, dS, Tb, qb, kb, vb, dob, acc, dqa, dka, dva, inv, delta;
+    std::vector<float> kt, vt, S, dS, Tb, qb, kb, vb, dob, acc, dqa, dka, dva, inv, delta, mx, cb;
     std::vector<const float*> qr, kr, vr, dor;
     Work(const Problem& P, bool backward) {
         const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
-        kt.resize(P.d * tkp); S.resize(P.tq * tkp); inv.resize(P.tq); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
+        kt.resize(P.d * tkp); S.resize(P.tq * tkp); inv.resize(round_up(P.tq)); mx.resize(round_up(P.tq)); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
         if (P.dv % VL) vb.resize(P.tk * dvp);  // value rows padded to whole vectors
         if (backward) {
             qb.resize(P.tq * dp); vt.resize(P.dv * tkp); dS.resize(P.tq * tkp); Tb.resize(tkp * tqp);
@@ -168,7 +188,7 @@ struct Work {
             dob.resize(P.tq * dvp); dqa.resize(P.tq * dp); dka.resize(P.tk * dp); dva.resize(P.tk * dvp);
             delta.resize(P.tq); dor.resize(P.tq);
         } else {
-            acc.resize(P.tq * dvp);
+            acc.resize(P.tq * dvp); cb.resize(tkp);
         }
     }
 };
@@ -202,10 +222,11 @@ inline void scaled_add(float* dst, const float* src, float s, int64_t n) {  // d
     for (; c < n; ++c) dst[c] += src[c] * s;
 }
 
+template <int WRITE = 0>
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
     for (int64_t r = 0; r < n; ++r)
         for (int64_t c = 0; c < cols; c += 64 / sizeof(float))
-            __builtin_prefetch(rows[r] + c, 0, 2);  // into L2: L1 holds the current item
+            __builtin_prefetch(rows[r] + c, WRITE, 2);  // into L2: L1 holds the current item
 }
 
 inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }
@@ -257,6 +278,72 @@ void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, cons
     }
 }
 
+// Rows i .. i + MR of a tile whose key columns all fit one register block of NV vectors: the logits and the
+// unnormalised softmax without leaving registers. s = scale q k^T + mask + cb (cb: 0, or -inf for padding keys);
+// S = exp(s - m) is stored, the row max m to mx and the row sum to l (finish() turns them into lse and 1 / l).
+template <int MR, int NV, class AT>
+inline void softmax_rows(int64_t K, const AT& A, int64_t i, const float* kt, int64_t ldk, const float* const* mask,
+                         const float* cb, float scale, float* S, int64_t lds, float* mx, float* l) {
+    vf c[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) c[r][v] = splat(0.0f);
+    product<MR, NV>(K, A, i, Strided{kt, ldk}, 0, c);
+    for (int r = 0; r < MR; ++r) {
+        vf top = splat(-INFINITY);
+        for (int v = 0; v < NV; ++v) {
+            c[r][v] = c[r][v] * scale + load(cb + v * VL);
+            if (mask) c[r][v] += load(mask[i + r] + v * VL);
+            top = vmax(top, c[r][v]);
+        }
+        float* s = S + (i + r) * lds;
+        const float m = hmax(top);
+        vf sum = splat(0.0f);
+        if (m != -INFINITY) {  // else the query sees no key: p = 0, lse = -inf
+            for (int v = 0; v < NV; ++v) {
+                c[r][v] = vexp(c[r][v] - m);
+                sum += c[r][v];
+            }
+        }
+        for (int v = 0; v < NV; ++v) store(s + v * VL, m != -INFINITY ? c[r][v] : splat(0.0f));
+        mx[i + r] = m;
+        l[i + r] = hsum(sum);
+    }
+}
+
+template <int NV, class AT>
+void softmax_block(int64_t M, int64_t K, const AT& A, const float* kt, int64_t ldk, const float* const* mask,
+                   const float* cb, float scale, float* S, int64_t lds, float* mx, float* l) {
+    constexpr int MR = rows_for<NV>();
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR) softmax_rows<MR, NV>(K, A, i, kt, ldk, mask, cb, scale, S, lds, mx, l);
+    upto8(M - i, [&](auto rows) {
+        softmax_rows<decltype(rows)::value, NV>(K, A, i, kt, ldk, mask, cb, scale, S, lds, mx, l);
+    });
+}
+
+// Column blocks of at most this many vectors take softmax_rows (MR = 4 rows of 6 vectors: 24 accumulators).
+constexpr int64_t FUSED_NV = 6;
+
+// Per row of an item: lse = m + log l and inv = 1 / l from the row maxima and sums (l = 0: the query saw no key,
+// lse = -inf and inv = 0); lse written for the valid rows.
+void finish(const Problem& P, int64_t b, int64_t t, int64_t h, Work& w) {
+    for (int64_t i0 = 0; i0 < P.tq; i0 += VL) {
+        const vf l = load(w.inv.data() + i0), m = load(w.mx.data() + i0);
+        const vi seen = l > 0.0f;
+        const vf lse = seen ? m + vlog(seen ? l : splat(1.0f)) : splat(-INFINITY);
+        store(w.inv.data() + i0, seen ? 1.0f / (seen ? l : splat(1.0f)) : splat(0.0f));
+        for (int64_t i = i0; i < std::min(P.tq, i0 + VL); ++i)
+            if (valid(P, t, i)) *P.lse.row(b, t, h, i, P.tq) = lse[i - i0];
+    }
+}
+
+// cb[j] for the key slots of tile (b, t): 0 for a key, -inf for padding (of the kpm, and past tk up to a vector).
+void column_bias(const Problem& P, int64_t b, int64_t t, float* cb) {
+    const uint8_t* kp = P.kpm ? P.kpm + b * P.kpm_sb : nullptr;
+    for (int64_t j = 0; j < round_up(P.tk); ++j)
+        cb[j] = j < P.tk && (!kp || kp[P.k.idx ? P.k.idx[t * P.tk + j] : j]) ? 0.0f : -INFINITY;
+}
+
 // Work item w = ((b * T) + t) * hq + h: one query head of one tile. Output rows are distinct across items.
 void forward_range(const Problem& P, int64_t begin, int64_t end) {
     Work w(P, false);
@@ -265,6 +352,8 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
     const float sc = pending_scale(P);
     std::vector<const float*> next(std::max(P.tq, P.tk));
     std::vector<Block> blocks;
+    // key columns in one register block, and a mask whose rows can be read by whole vectors
+    const bool fused = !P.krange && tkp <= FUSED_NV * VL && (!P.mask.p || P.tk % VL == 0);
     for (int64_t it = begin; it < end; ++it) {
         const int64_t h = it % P.hq, t = it / P.hq % P.T, b = it / P.hq / P.T, hk = h / group;
         rows_of(P.q, b, t, h, P.tq, w.qr.data());
@@ -278,46 +367,55 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
             prefetch(next.data(), P.tk, P.d);
             rows_of(P.v, b1, t1, h1 / group, P.tk, next.data());
             prefetch(next.data(), P.tk, P.dv);
+            rows_of(P.o, b1, t1, h1, P.tq, next.data());  // owned for writing before the stores reach it
+            prefetch<1>(next.data(), P.tq, P.dv);
         }
         transpose(w.kr.data(), P.tk, P.d, w.kt.data(), tkp);
         if (P.dv % VL) copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);  // value rows padded to whole vectors
         row_blocks(P, t, blocks);
+        if (fused) {  // one block: logits and softmax of every row in registers
+            column_bias(P, b, t, w.cb.data());
+            if (P.mask.p) rows_of(P.mask, b, t, h, P.tq, w.kr.data());  // (k's rows are in kt now)
+            const float* const* mask = P.mask.p ? w.kr.data() : nullptr;
+            upto8(tkp / VL, [&](auto nv) {
+                constexpr int NV = decltype(nv)::value;
+                if constexpr (NV <= FUSED_NV) {
+                    if (P.q.idx)
+                        softmax_block<NV>(P.tq, P.d, Rows{w.qr.data()}, w.kt.data(), tkp, mask, w.cb.data(),
+                                          P.scale, w.S.data(), tkp, w.mx.data(), w.inv.data());
+                    else
+                        softmax_block<NV>(P.tq, P.d, Strided{w.qr[0], P.q.sr}, w.kt.data(), tkp, mask, w.cb.data(),
+                                          P.scale, w.S.data(), tkp, w.mx.data(), w.inv.data());
+                }
+            });
+        }
         for (const Block& k : blocks) {
             const int64_t rows = k.i1 - k.i0, kend = std::min(k.j1, P.tk);  // value rows stop at tk
             if (k.j0 >= k.j1) {  // nothing visible: output 0, lse -inf
-                for (int64_t i = k.i0; i < k.i1; ++i) {
-                    w.inv[i] = 0.0f;
-                    std::memset(w.acc.data() + i * dvp, 0, dvp * sizeof(float));
-                    if (valid(P, t, i)) *P.lse.row(b, t, h, i, P.tq) = -INFINITY;
-                }
+                std::fill(w.inv.begin() + k.i0, w.inv.begin() + k.i1, 0.0f);
+                std::memset(w.acc.data() + k.i0 * dvp, 0, rows * dvp * sizeof(float));
                 continue;
             }
-            if (P.q.idx)  // rows by pointer; evenly strided rows index faster (no pointer load per row)
-                logits(P, b, t, h, Rows{w.qr.data() + k.i0}, k, w);
-            else
-                logits(P, b, t, h, Strided{w.qr[0] + k.i0 * P.q.sr, P.q.sr}, k, w);
-            for (int64_t i = k.i0; i < k.i1; ++i) {  // softmax in place (unnormalised), 1 / sum kept
-                float* s = w.S.data() + i * tkp;
-                float* lse = P.lse.row(b, t, h, i, P.tq);
-                vf mv = splat(-INFINITY);
-                for (int64_t j = k.j0; j < k.j1; j += VL) mv = vmax(mv, load(s + j));
-                const float m = hmax(mv) * sc;
-                if (m == -INFINITY) {  // the query sees no key: output 0, lse -inf
-                    for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, splat(0.0f));
-                    w.inv[i] = 0.0f;
-                    if (valid(P, t, i)) *lse = -INFINITY;
-                    continue;
+            if (!fused) {
+                if (P.q.idx)  // rows by pointer; evenly strided rows index faster (no pointer load per row)
+                    logits(P, b, t, h, Rows{w.qr.data() + k.i0}, k, w);
+                else
+                    logits(P, b, t, h, Strided{w.qr[0] + k.i0 * P.q.sr, P.q.sr}, k, w);
+                for (int64_t i = k.i0; i < k.i1; ++i) {  // softmax in place (unnormalised); row max and sum kept
+                    float* s = w.S.data() + i * tkp;
+                    vf mv = splat(-INFINITY);
+                    for (int64_t j = k.j0; j < k.j1; j += VL) mv = vmax(mv, load(s + j));
+                    const float m = hmax(mv) * sc;
+                    vf sum = splat(0.0f);
+                    const vf mm = splat(m);
+                    for (int64_t j = k.j0; j < k.j1; j += VL) {  // m = -inf: the query sees no key, p = 0
+                        const vf e = m == -INFINITY ? splat(0.0f) : vexp(load(s + j) * sc - mm);
+                        store(s + j, e);
+                        sum += e;
+                    }
+                    w.mx[i] = m;
+                    w.inv[i] = hsum(sum);
                 }
-                vf sum = splat(0.0f);
-                const vf mm = splat(m);
-                for (int64_t j = k.j0; j < k.j1; j += VL) {
-                    vf e = vexp(load(s + j) * sc - mm);
-                    store(s + j, e);
-                    sum += e;
-                }
-                const float l = hsum(sum);
-                w.inv[i] = 1.0f / l;
-                if (valid(P, t, i)) *lse = m + std::log(l);
             }
             const Strided p{w.S.data() + k.i0 * tkp + k.j0, tkp};
             float* acc = w.acc.data() + k.i0 * dvp;
@@ -329,6 +427,7 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
                 gemm(rows, dvp, kend - k.j0, p, Strided{w.vr[0] + k.j0 * P.v.sr, P.v.sr}, acc, dvp, false);
             }
         }
+        finish(P, b, t, h, w);  // lse, and inv = 1 / l
         for (int64_t i = 0; i < P.tq; ++i) {
             if (!valid(P, t, i)) continue;
             scaled_to(P.o.row(b, t, h, i, P.tq), w.acc.data() + i * dvp, w.inv[i], P.dv);
@@ -483,6 +582,67 @@ int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, void* co
     P.dvv = op<float>(ptrs, strides, 10, k_index);
     P.dmask = static_cast<float*>(ptrs[11]);
     parallel(P.B * P.hkv, threads, [&](int64_t a, int64_t b) { backward_range(P, a, b); });
+    return 0;
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// Batched matrix products with strided operands, C[b, g] (+)= A[b, g] B[b, g] (fp32): A (M x K) read in place by rows
+// (column stride 1) or by columns (row stride 1: a transposed operand), B (K x N) and C (M x N) by rows with unit
+// column stride, N a multiple of 16. sizes: [batch, groups, M, N, K]; strides: [batch, group, row, column] of A, then
+// [batch, group, row] of B and of C; ptrs: A, B, C.
+//
+// For the products of channel attention (DaViT) on token-major operands, whose shapes BLAS's batched path runs at a
+// third of its rate: 64 x 64 outputs reducing over all pixels, and all pixels times a 64 x 64 matrix. A work item is
+// (batch, block of 256 rows of C, part of K); it walks its K in panels of 128 and, within a panel, every group, so
+// the token rows that hold all groups are read whole while they are in cache. When there are fewer row blocks than
+// threads, K is split into parts that sum into per-part buffers, added into C at the end.
+int attnlab_gemm(const int64_t* sizes, const int64_t* strides, void* const* ptrs, int accumulate, int threads) {
+    const int64_t nb = sizes[0], ng = sizes[1], M = sizes[2], N = sizes[3], K = sizes[4];
+    const int64_t *sa = strides, *sb = strides + 4, *sc = strides + 7;
+    const float *a = static_cast<const float*>(ptrs[0]), *bp = static_cast<const float*>(ptrs[1]);
+    float* c = static_cast<float*>(ptrs[2]);
+    constexpr int64_t RB = 256, KB = 128;
+    const int64_t blocks = (M + RB - 1) / RB, panels = (K + KB - 1) / KB;
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(panels, threads / std::max<int64_t>(1, nb * blocks)));
+    std::vector<float> partial(parts > 1 ? (parts - 1) * nb * ng * M * N : 0);  // parts 1.. (part 0 writes C)
+    parallel(nb * blocks * parts, threads, [&](int64_t begin, int64_t end) {
+        for (int64_t it = begin; it < end; ++it) {
+            const int64_t b = it / (blocks * parts), i0 = it / parts % blocks * RB, part = it % parts;
+            const int64_t rows = std::min(RB, M - i0);
+            const int64_t p0 = panels * part / parts, p1 = panels * (part + 1) / parts;
+            for (int64_t g = 0; g < ng; ++g) {  // nothing to add up: C = 0 (or unchanged)
+                float* C = part ? partial.data() + (((part - 1) * nb + b) * ng + g) * M * N + i0 * N
+                                : c + b * sc[0] + g * sc[1] + i0 * sc[2];
+                const int64_t ldc = part ? N : sc[2];
+                if (p0 == p1 && (part || !accumulate))
+                    for (int64_t i = 0; i < rows; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
+            }
+            for (int64_t pn = p0; pn < p1; ++pn) {
+                const int64_t k0 = pn * KB, kc = std::min(KB, K - k0);
+                const bool acc = pn > p0 || (accumulate && part == 0);
+                for (int64_t g = 0; g < ng; ++g) {
+                    const float* A = a + b * sa[0] + g * sa[1] + i0 * sa[2];
+                    const Strided Bk{bp + b * sb[0] + g * sb[1] + k0 * sb[2], sb[2]};
+                    float* C = part ? partial.data() + (((part - 1) * nb + b) * ng + g) * M * N + i0 * N
+                                    : c + b * sc[0] + g * sc[1] + i0 * sc[2];
+                    const int64_t ldc = part ? N : sc[2];
+                    if (sa[3] == 1)
+                        gemm(rows, N, kc, Strided{A + k0, sa[2]}, Bk, C, ldc, acc);
+                    else
+                        gemm(rows, N, kc, Transposed{A + k0 * sa[3], sa[3]}, Bk, C, ldc, acc);
+                }
+            }
+        }
+    });
+    for (int64_t part = 1; part < parts; ++part)  // the K parts into C
+        for (int64_t b = 0; b < nb; ++b)
+            for (int64_t g = 0; g < ng; ++g)
+                for (int64_t i = 0; i < M; ++i)
+                    scaled_add(c + b * sc[0] + g * sc[1] + i * sc[2],
+                               partial.data() + (((part - 1) * nb + b) * ng + g) * M * N + i * N, 1.0f, N);
     return 0;
 }
 
