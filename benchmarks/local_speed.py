@@ -164,7 +164,11 @@ def cores(n1: int, hw: tuple[int, int], heads: int, d: int):
     reg = qkv(n_reg, heads, d, seed=1)
     out.append(("duoformer", kw, (n2, hw), False, lambda q, k, v: (W.attention_tiles(*duo), attention(*reg)),
                 [(n_reg, heads, t_reg, t_reg, d), (1, heads, n_reg, n_reg, d)]))
-    out.append(("medusa", spec_kw("medusa"), (n2, hw), False, None, None))  # convolutional gating, not attention
+    kw = spec_kw("medusa")  # core: the body's maps gating the projected values (no q, k; convolutions)
+    torch.manual_seed(0)
+    med, xm = attnlab.create("medusa", dim=heads * d, heads=heads, **kw), torch.randn(1, n2, heads * d)
+    out.append(("medusa", kw, (n2, hw), False,
+                lambda q, k, v: med.gate(xm, v.transpose(1, 2).reshape(1, n2, heads * d), hw), None))
     kw = spec_kw("chada-vit")
     out.append(("chada-vit", kw, (n1, None), False, lambda q, k, v: attention(q, k, v), [(1, heads, n1, n1, d)]))
     return out

@@ -370,6 +370,23 @@ def test_flops_count_the_visible_pairs():
             assert math.isfinite(f) and f > 0, spec.id
 
 
+def test_medusa_flops_are_its_convolutions_plus_the_gating():
+    m = build("medusa", scales=3, heads=4)
+    convs = []
+
+    def count(conv, inputs, out):  # multiply-adds of a convolution: output elements x its receptive field
+        convs.append(2.0 * out.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1])
+
+    for layer in m.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(count)
+    hw = (7, 9)
+    m.attention_maps(x_of(63, m.dim, batch=1), hw)
+    gating = 3.0 * 63 * m.heads * m.head_dim
+    spec = attnlab.get_spec("medusa")
+    assert spec.flops(1, 63, m.heads, m.head_dim, hw=hw, dim=m.dim, scales=3) == sum(convs) + gating
+
+
 # ------------------------------------------------------------------------------------------- docs
 
 

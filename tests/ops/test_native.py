@@ -38,10 +38,10 @@ CASES = {  # T, Hq, Hkv, tq, tk, D, Dv, mask kind
     "one query one key": (2, 2, 2, 1, 1, 16, 16, None),
     "bias per head, shared by tiles": (4, 2, 2, 17, 17, 8, 8, "float-head"),
     "bias per tile and head": (2, 2, 1, 16, 33, 48, 40, "float-full"),
-    # key columns in one register block: logits and softmax fused (up to 96 keys), with and without a mask
+    # key columns in one register block: logits and softmax fused (up to 64 keys), with and without a mask
     "fused, mask, a query sees nothing": (3, 2, 2, 20, 48, 16, 16, "float-tile"),
     "fused, bias per head, 32 keys": (2, 2, 2, 9, 32, 8, 16, "float-head"),
-    "fused, 84 keys (six vectors)": (2, 2, 2, 84, 84, 64, 64, None),
+    "84 keys (DuoFormer's regions): two passes": (2, 2, 2, 84, 84, 64, 64, None),
 }
 
 

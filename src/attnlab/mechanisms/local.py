@@ -1247,12 +1247,13 @@ def _medusa_flops(batch, n, heads, head_dim, causal=False, scales=3, body_dim=No
     H, W = _grid_of(n, hw)
     C = dim or heads * head_dim
     cb = body_dim or max(8, C // 2)
-    total = 2.0 * H * W * C * cb  # stem
-    for s in range(1, scales):  # encoder (stride 2) and decoder 3x3 convs
-        cells = -(-H // 2 ** s) * -(-W // 2 ** s)
-        total += 2 * 2.0 * cells * 9 * cb * cb
-    total += sum(2.0 * -(-H // 2 ** s) * -(-W // 2 ** s) * cb * C / scales for s in range(scales))  # heads
-    total += 3.0 * H * W * C  # pool, gate, expand
+    cells = [-(-H // 2 ** s) * -(-W // 2 ** s) for s in range(scales)]
+    total = 2.0 * cells[0] * C * cb  # stem
+    for s in range(1, scales):  # the encoder's conv into level s; the decoder's at level s - 1, after upsampling
+        total += 2.0 * (cells[s] + cells[s - 1]) * 9 * cb * cb
+    for s in range(scales):  # the heads' map convs: one channel per value channel of the heads at scale s
+        total += 2.0 * cells[s] * cb * sum(h * scales // heads == s for h in range(heads)) * head_dim
+    total += 3.0 * H * W * heads * head_dim  # pool, gate, expand
     return batch * total
 
 
@@ -1309,9 +1310,12 @@ class MedusaAttention(Mechanism):
         return [torch.sigmoid(self.maps[s](dec[s])).permute(0, 2, 3, 1) for s in range(self.scales)]
 
     def attend(self, x, *, causal, key_padding_mask, hw, cache):
-        hw = tuple(hw)
+        return self.proj(self.gate(x, self.v(x), tuple(hw)))
+
+    def gate(self, x: Tensor, v: Tensor, hw) -> Tensor:
+        """The attention core, what the spec's FLOPs count: the body's maps from ``x (B, N, dim)`` gating the values
+        ``v (B, N, heads * head_dim)`` at their scales; returns the heads concatenated, before the projection."""
         B = x.shape[0]
-        v = self.v(x)
         maps = self.attention_maps(x, hw)
         outs, c = [], 0
         for s in range(self.scales):
@@ -1325,7 +1329,7 @@ class MedusaAttention(Mechanism):
                 gated = maps[s] * window_mean(_as_map(vs, hw), f)
                 outs.append(window_expand(gated, f, hw).reshape(B, -1, width))
             c += width
-        return self.proj(torch.cat(outs, dim=-1))
+        return torch.cat(outs, dim=-1)
 
 
 # ============================================================================================== ChAda-ViT
