@@ -45,7 +45,7 @@ _HERE = Path(__file__).parent
 # compiled together into one library; the header is hashed with them
 _SOURCES = (_HERE / "tile_attention.cpp", _HERE / "neighborhood.cpp")
 _HEADERS = (_HERE / "vec.h",)
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp"]
 # Tile sizes above which SDPA's blocked kernel is as fast (and its memory smaller): queries, keys. A tile's logits
 # (MAX_TILE[0] x MAX_TILE[1] floats at most, 4 MB) live in a per-thread workspace.
 MAX_TILE = (512, 2048)
