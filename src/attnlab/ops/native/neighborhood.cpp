@@ -126,13 +126,21 @@ inline void chunks(int64_t total, F&& f) {
     upto8(total - i, [&](auto n) { f(n, i); });
 }
 
-// R query rows (1 or 2) computed together because they read the same key rows, so each key vector loaded serves
-// both (loads, not FMAs, bound these loops): the band's key row t is krow[t]; query row i's window row a is the
-// band's key row a + shift[i]. Key rows a row does not use are computed against zero weights / into scratch.
+// R query rows (up to MAXR) computed together because they read the same key rows, so each key vector loaded
+// serves all of them (loads, not FMAs, bound these loops): the band's key row t is krow[t]; query row i's window row
+// a is the band's key row a + shift[i]. Each key row is computed for the rows whose windows include it, a range
+// [lo, hi) of the band (shifts grow with i).
 constexpr int MAXR = 3;  // 3 rows x 8 accumulators + their operands fill the 32 AVX-512 registers
 struct Band {
     int64_t r[MAXR], shift[MAXR], nt;
     std::vector<int64_t> krow;
+    // [lo, hi): the band rows whose windows include key row t (empty: lo >= hi)
+    void rows_of(const Geo& g, int R, int64_t t, int& lo, int& hi) const {
+        lo = R;
+        hi = 0;
+        for (int i = 0; i < R; ++i)
+            if (t - shift[i] >= 0 && t - shift[i] < g.kh) lo = std::min(lo, i), hi = i + 1;
+    }
 };
 
 // The band of query rows r0 and (R = 2) r1 = r0 + dh, whose windows start at most one key row apart.
@@ -146,50 +154,66 @@ inline void make_band(const Geo& g, int R, int64_t r0, Band& band) {
     for (int64_t t = 0; t < band.nt; ++t) band.krow[t] = g.rs[r0] + g.dh * t;
 }
 
+// f(LO, HI) as integral constants for the run-time range [lo, hi) of 0 <= lo < hi <= R: a loop over rows whose
+// accumulators stay in registers needs the range at compile time.
+template <int R, int LO = 0, int HI = 1, class F>
+inline void row_range(int lo, int hi, F&& f) {
+    if constexpr (LO < R) {
+        if constexpr (HI <= R) {
+            if (lo == LO && hi == HI) return f(std::integral_constant<int, LO>{}, std::integral_constant<int, HI>{});
+            row_range<R, LO, HI + 1>(lo, hi, f);
+        } else {
+            row_range<R, LO + 1, LO + 2>(lo, hi, f);
+        }
+    }
+}
+
 // S_i[a][b] = sum over channels c of x_i,c (16 query lanes of row i) * the lanes' keys of offset (a, b) in y's
 // channel c: q k^T (and dO v^T in the backward). x_i: channel 0 at the block's queries; xs: the channel stride.
-// One pass over the channels per key row and chunk of up to 8 column offsets.
+// One pass over the channels per key row and chunk of up to 8 column offsets, for the rows that use the key row.
 template <int R, bool U>
 void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Planes<const float>& y, int64_t bh,
-          const Band& band, const Lanes& L, float* const* S, float* scratch) {
+          const Band& band, const Lanes& L, float* const* S) {
     const int64_t ys = y.sc;
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = y.at(bh, 0, band.krow[t]);
-        float* dst[R];
-        for (int i = 0; i < R; ++i) {
-            const int64_t a = t - band.shift[i];
-            dst[i] = a >= 0 && a < g.kh ? S[i] + a * g.kw * VL : scratch;
-        }
-        chunks(g.kw, [&](auto nb, int64_t b0) {
-            constexpr int NB = decltype(nb)::value;
-            vf acc[R][NB];
-            for (int i = 0; i < R; ++i)
-                for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
-            const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
-            for (int64_t c = 0; c < C; ++c) {
-                vf xv[R];
-                for (int i = 0; i < R; ++i) xv[i] = load(x[i] + c * xs);
-                const float* yc = yt + c * ys;
-                vf w0, w1;
-                if (window) w0 = load(yc + L.wbase), w1 = load(yc + L.wbase + VL);
-                for (int b = 0; b < NB; ++b) {
-                    const vf key = window ? __builtin_shuffle(w0, w1, L.span[b0 + b])
-                                          : in_register(keys<U>(yc, (b0 + b) * g.dw, L));
-                    for (int i = 0; i < R; ++i) acc[i][b] += xv[i] * key;
+        int lo, hi;
+        band.rows_of(g, R, t, lo, hi);
+        row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
+            constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
+            float* dst[R];
+            for (int i = LO; i < HI; ++i) dst[i] = S[i] + (t - band.shift[i]) * g.kw * VL;
+            chunks(g.kw, [&](auto nb, int64_t b0) {
+                constexpr int NB = decltype(nb)::value;
+                vf acc[R][NB];
+                for (int i = LO; i < HI; ++i)
+                    for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
+                const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
+                for (int64_t c = 0; c < C; ++c) {
+                    vf xv[R];
+                    for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
+                    const float* yc = yt + c * ys;
+                    vf w0, w1;
+                    if (window) w0 = load(yc + L.wbase), w1 = load(yc + L.wbase + VL);
+                    for (int b = 0; b < NB; ++b) {
+                        const vf key = window ? __builtin_shuffle(w0, w1, L.span[b0 + b])
+                                              : in_register(keys<U>(yc, (b0 + b) * g.dw, L));
+                        for (int i = LO; i < HI; ++i) acc[i][b] += xv[i] * key;
+                    }
                 }
-            }
-            for (int i = 0; i < R; ++i)
-                for (int b = 0; b < NB; ++b) store(dst[i] + (b0 + b) * VL, acc[i][b]);
+                for (int i = LO; i < HI; ++i)
+                    for (int b = 0; b < NB; ++b) store(dst[i] + (b0 + b) * VL, acc[i][b]);
+            });
         });
     }
 }
 
 // emit(i, c, sum over (a, b) of P_i[a][b] * the lanes' keys of offset (a, b) in y's channel c) for every row i and
 // channel c < C: p v (and dS k in the backward). Each chunk of up to 8 channels keeps its sums in registers over
-// all offsets. zero: kw zero vectors (the weights of a key row that a query row does not use).
+// all offsets; each key row adds into the rows that use it.
 template <int R, bool U, class E>
 void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const float>& y, int64_t bh,
-              const Band& band, const Lanes& L, const float* zero, E&& emit) {
+              const Band& band, const Lanes& L, E&& emit) {
     const int64_t ys = y.sc;
     chunks(C, [&](auto nc, int64_t c0) {
         constexpr int NC = decltype(nc)::value;
@@ -198,19 +222,21 @@ void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const
             for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
         for (int64_t t = 0; t < band.nt; ++t) {
             const float* yt = y.at(bh, c0, band.krow[t]);
-            const float* pt[R];
-            for (int i = 0; i < R; ++i) {
-                const int64_t a = t - band.shift[i];
-                pt[i] = a >= 0 && a < g.kh ? P[i] + a * g.kw * VL : zero;
-            }
-            for (int64_t b = 0; b < g.kw; ++b) {
-                vf p[R];
-                for (int i = 0; i < R; ++i) p[i] = load(pt[i] + b * VL);
-                for (int c = 0; c < NC; ++c) {
-                    const vf key = in_register(keys<U>(yt + c * ys, b * g.dw, L));
-                    for (int i = 0; i < R; ++i) acc[i][c] += p[i] * key;
+            int lo, hi;
+            band.rows_of(g, R, t, lo, hi);
+            row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
+                constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
+                const float* pt[R];
+                for (int i = LO; i < HI; ++i) pt[i] = P[i] + (t - band.shift[i]) * g.kw * VL;
+                for (int64_t b = 0; b < g.kw; ++b) {
+                    vf p[R];
+                    for (int i = LO; i < HI; ++i) p[i] = load(pt[i] + b * VL);
+                    for (int c = 0; c < NC; ++c) {
+                        const vf key = in_register(keys<U>(yt + c * ys, b * g.dw, L));
+                        for (int i = LO; i < HI; ++i) acc[i][c] += p[i] * key;
+                    }
                 }
-            }
+            });
         }
         for (int i = 0; i < R; ++i)
             for (int c = 0; c < NC; ++c) emit(i, c0 + c, acc[i][c]);
@@ -308,12 +334,11 @@ struct Operands {
 
 // Forward of one column block of the band's R query rows.
 template <int R, bool U>
-void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S,
-                   float* scratch) {
+void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S) {
     const int64_t c0 = L.c0, n = g.kh * g.kw;
     const float* x[R];
     for (int i = 0; i < R; ++i) x[i] = X.q.at(bh, 0, band.r[i]) + c0;
-    dots<R, U>(g, g.D, x, X.q.sc, X.k, bh, band, L, S, scratch);
+    dots<R, U>(g, g.D, x, X.q.sc, X.k, bh, band, L, S);
     vf inv[R];
     for (int i = 0; i < R; ++i) {  // unnormalised p in place; every query sees kh * kw keys
         vf m = load(S[i]);
@@ -327,7 +352,7 @@ void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band
         inv[i] = 1.0f / sum;
         store(X.lse + (bh * g.H + band.r[i]) * g.W + c0, m * g.scale + vlog(sum));
     }
-    weighted<R, U>(g, g.Dv, S, X.v, bh, band, L, scratch + g.kw * VL, [&](int i, int64_t c, vf acc) {
+    weighted<R, U>(g, g.Dv, S, X.v, bh, band, L, [&](int i, int64_t c, vf acc) {
         store(X.o.at(bh, c, band.r[i]) + c0, acc * inv[i]);
     });
 }
@@ -345,8 +370,7 @@ struct RowWork {
 
 // Backward of one column block of the band's R query rows: dq; p and dS into each row's RowWork.
 template <int R, bool U>
-void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, RowWork* w,
-                    float* scratch) {
+void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, RowWork* w) {
     const int64_t c0 = L.c0, n = g.kh * g.kw;
     const float *xq[R], *xdo[R];
     float *P[R], *dS[R];
@@ -356,8 +380,8 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
         P[i] = w[i].P.data();
         dS[i] = w[i].dS.data();
     }
-    dots<R, U>(g, g.D, xq, X.q.sc, X.k, bh, band, L, P, scratch);
-    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v, bh, band, L, dS, scratch);  // dp = dO v^T
+    dots<R, U>(g, g.D, xq, X.q.sc, X.k, bh, band, L, P);
+    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v, bh, band, L, dS);  // dp = dO v^T
     for (int i = 0; i < R; ++i) {
         const int64_t r = band.r[i];
         const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0);
@@ -383,7 +407,7 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
     }
     const float* ds[R];
     for (int i = 0; i < R; ++i) ds[i] = dS[i];
-    weighted<R, U>(g, g.D, ds, X.k, bh, band, L, scratch + g.kw * VL, [&](int i, int64_t c, vf acc) {  // dq
+    weighted<R, U>(g, g.D, ds, X.k, bh, band, L, [&](int i, int64_t c, vf acc) {  // dq
         float* dq = X.dq.at(bh, c, band.r[i]) + c0;
         store(dq, L.active ? acc * g.scale : load(dq));
     });
@@ -474,10 +498,9 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
     const int64_t items = std::max<int64_t>(1, g.BH * nbands);
     const int64_t parts = std::min<int64_t>(nb, std::max<int64_t>(1, 4 * threads / items));
     parallel(g.BH * nbands * parts, threads, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf(MAXR * g.kh * g.kw * VL + 2 * g.kw * VL, 0.0f);
+        std::vector<float> buf(MAXR * g.kh * g.kw * VL, 0.0f);
         float* S[MAXR];
         for (int i = 0; i < MAXR; ++i) S[i] = buf.data() + i * g.kh * g.kw * VL;
-        float* scratch = buf.data() + MAXR * g.kh * g.kw * VL;  // kw vectors of scratch, then kw zero vectors
         Band band;
         for (int64_t it = begin; it < end; ++it) {
             const int64_t part = it % parts, k = it / parts % nbands, bh = it / parts / nbands;
@@ -487,8 +510,8 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
                 const Lanes& L = blocks[i];
                 with_rows(R, [&](auto rows) {
                     constexpr int NR = decltype(rows)::value;
-                    if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S, scratch);
-                    else block_forward<NR, false>(g, X, bh, band, L, S, scratch);
+                    if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S);
+                    else block_forward<NR, false>(g, X, bh, band, L, S);
                 });
             }
         }
@@ -514,7 +537,6 @@ int attnlab_na_backward(const int64_t* sizes, const int64_t* strides, void* cons
     parallel(g.BH, threads, [&](int64_t begin, int64_t end) {
         std::vector<RowWork> w(MAXR, RowWork(g, cols));
         RowBuffer xrow(g, std::max(g.D, g.Dv));
-        std::vector<float> scratch(2 * g.kw * VL, 0.0f);  // kw vectors of scratch, then kw zero vectors
         Band band;
         for (int64_t bh = begin; bh < end; ++bh)
             for (const auto& [r0, R] : bands) {
@@ -523,7 +545,7 @@ int attnlab_na_backward(const int64_t* sizes, const int64_t* strides, void* cons
                     with_rows(R, [&](auto rows) {
                         constexpr int NR = decltype(rows)::value;
                         auto run = L.uniform ? block_backward<NR, true> : block_backward<NR, false>;
-                        run(g, X, bh, band, L, w.data(), scratch.data());
+                        run(g, X, bh, band, L, w.data());
                     });
                 }
                 for (int i = 0; i < R; ++i) {  // each row's keys: dv += p^T dO, dk += scale dS^T q
