@@ -206,7 +206,7 @@ def ceiling(pieces, repeats: int) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per round (median)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds, each with the dense reference re-timed")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, each with the dense reference re-timed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="N = 4096 and 64 x 64 instead of 8192 and 128 x 128")
     ap.add_argument("--only", nargs="*", default=None, help="mechanism ids to run (default: all)")
@@ -221,7 +221,8 @@ def main() -> None:
 
     # Dense SDPA at N = 8192 is the reference rate (its GF/s is the same at 16384 within 2%, at a quarter of the
     # time). This machine's speed drifts by 10-20% over minutes (a shared host), so each mechanism is timed in rounds
-    # interleaved with the reference, and the ratio is the median of the per-round ratios.
+    # interleaved with the reference (timed right before and right after the row's calls), and the ratio is the
+    # median of the per-round ratios.
     qd, kd, vd = qkv(n1, heads, d)
     dense_flops = 4.0 * heads * n1 * n1 * d
 
@@ -261,9 +262,11 @@ def main() -> None:
                 run = lambda: m(x, causal=causal, hw=grid)  # noqa: E731
             run()
             walls, ratios, ratios_cpu = [], [], []
-            for _ in range(args.rounds):
-                dw, dc = dense_round()
+            for _ in range(args.rounds):  # dense SDPA timed right before and right after: the mean of the two
+                before = dense_round()
                 med, _, _ = timed(run, args.repeats)
+                after = dense_round()
+                dw, dc = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
                 walls.append(med)
                 ratios.append(flops / med / 1e9 / dw)
                 ratios_cpu.append(flops / cpu() / 1e9 / dc)
