@@ -41,6 +41,7 @@ CASES = {  # T, Hq, Hkv, tq, tk, D, Dv, mask kind
     # key columns in one register block: logits and softmax fused (up to 64 keys), with and without a mask
     "fused, mask, a query sees nothing": (3, 2, 2, 20, 48, 16, 16, "float-tile"),
     "fused, bias per head, 32 keys": (2, 2, 2, 9, 32, 8, 16, "float-head"),
+    "fused, mask, more queries than keys": (2, 2, 1, 40, 16, 16, 16, "float-full"),
     "84 keys (DuoFormer's regions): two passes": (2, 2, 2, 84, 84, 64, 64, None),
 }
 

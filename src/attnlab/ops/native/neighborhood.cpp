@@ -135,7 +135,7 @@ struct Band {
     int64_t r[MAXR], shift[MAXR], nt;
     std::vector<int64_t> krow;
     // [lo, hi): the band rows whose windows include key row t (empty: lo >= hi)
-    void rows_of(const Geo& g, int R, int64_t t, int& lo, int& hi) const {
+    void rows_using(const Geo& g, int R, int64_t t, int& lo, int& hi) const {
         lo = R;
         hi = 0;
         for (int i = 0; i < R; ++i)
@@ -178,7 +178,7 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = y.at(bh, 0, band.krow[t]);
         int lo, hi;
-        band.rows_of(g, R, t, lo, hi);
+        band.rows_using(g, R, t, lo, hi);
         row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
             constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
             float* dst[R];
@@ -223,7 +223,7 @@ void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const
         for (int64_t t = 0; t < band.nt; ++t) {
             const float* yt = y.at(bh, c0, band.krow[t]);
             int lo, hi;
-            band.rows_of(g, R, t, lo, hi);
+            band.rows_using(g, R, t, lo, hi);
             row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
                 constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
                 const float* pt[R];

@@ -178,10 +178,11 @@ struct Problem {
 // Per-thread scratch, sized once per call.
 struct Work {
     std::vector<float> kt, vt, S, dS, Tb, qb, kb, vb, dob, acc, dqa, dka, dva, inv, delta, mx, cb;
-    std::vector<const float*> qr, kr, vr, dor;
+    std::vector<const float*> qr, kr, vr, dor, mr;
     Work(const Problem& P, bool backward) {
         const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
-        kt.resize(P.d * tkp); S.resize(P.tq * tkp); inv.resize(round_up(P.tq)); mx.resize(round_up(P.tq)); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
+        kt.resize(P.d * tkp); S.resize(P.tq * tkp); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
+        inv.resize(round_up(P.tq)); mx.resize(round_up(P.tq));  // whole vectors for finish()
         if (P.dv % VL) vb.resize(P.tk * dvp);  // value rows padded to whole vectors
         if (backward) {
             qb.resize(P.tq * dp); vt.resize(P.dv * tkp); dS.resize(P.tq * tkp); Tb.resize(tkp * tqp);
@@ -189,7 +190,7 @@ struct Work {
             dob.resize(P.tq * dvp); dqa.resize(P.tq * dp); dka.resize(P.tk * dp); dva.resize(P.tk * dvp);
             delta.resize(P.tq); dor.resize(P.tq);
         } else {
-            acc.resize(P.tq * dvp); cb.resize(tkp);
+            acc.resize(P.tq * dvp); cb.resize(tkp); mr.resize(P.tq);
         }
     }
 };
@@ -377,8 +378,8 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
         row_blocks(P, t, blocks);
         if (fused) {  // one block: logits and softmax of every row in registers
             column_bias(P, b, t, w.cb.data());
-            if (P.mask.p) rows_of(P.mask, b, t, h, P.tq, w.kr.data());  // (k's rows are in kt now)
-            const float* const* mask = P.mask.p ? w.kr.data() : nullptr;
+            if (P.mask.p) rows_of(P.mask, b, t, h, P.tq, w.mr.data());
+            const float* const* mask = P.mask.p ? w.mr.data() : nullptr;
             upto8(tkp / VL, [&](auto nv) {
                 constexpr int NV = decltype(nv)::value;
                 if constexpr (NV <= FUSED_NV) {
@@ -587,9 +588,6 @@ int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, void* co
     return 0;
 }
 
-}  // extern "C"
-
-extern "C" {
 
 // Batched matrix products with strided operands, C[b, g] (+)= A[b, g] B[b, g] (fp32): A (M x K) read in place by rows
 // (column stride 1) or by columns (row stride 1: a transposed operand), B (K x N) and C (M x N) by rows with unit
@@ -610,27 +608,27 @@ int attnlab_gemm(const int64_t* sizes, const int64_t* strides, void* const* ptrs
     const int64_t blocks = (M + RB - 1) / RB, panels = (K + KB - 1) / KB;
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(panels, threads / std::max<int64_t>(1, nb * blocks)));
     std::vector<float> partial(parts > 1 ? (parts - 1) * nb * ng * M * N : 0);  // parts 1.. (part 0 writes C)
+    auto rows_of_part = [&](int64_t part, int64_t b, int64_t g, int64_t i0) {  // where a part's C rows go, and ldc
+        if (part == 0) return std::make_pair(c + b * sc[0] + g * sc[1] + i0 * sc[2], sc[2]);
+        return std::make_pair(partial.data() + (((part - 1) * nb + b) * ng + g) * M * N + i0 * N, N);
+    };
     parallel(nb * blocks * parts, threads, [&](int64_t begin, int64_t end) {
         for (int64_t it = begin; it < end; ++it) {
             const int64_t b = it / (blocks * parts), i0 = it / parts % blocks * RB, part = it % parts;
             const int64_t rows = std::min(RB, M - i0);
             const int64_t p0 = panels * part / parts, p1 = panels * (part + 1) / parts;
-            for (int64_t g = 0; g < ng; ++g) {  // nothing to add up: C = 0 (or unchanged)
-                float* C = part ? partial.data() + (((part - 1) * nb + b) * ng + g) * M * N + i0 * N
-                                : c + b * sc[0] + g * sc[1] + i0 * sc[2];
-                const int64_t ldc = part ? N : sc[2];
-                if (p0 == p1 && (part || !accumulate))
+            if (p0 == p1 && (part || !accumulate))  // nothing to add up: C = 0 (or unchanged)
+                for (int64_t g = 0; g < ng; ++g) {
+                    const auto [C, ldc] = rows_of_part(part, b, g, i0);
                     for (int64_t i = 0; i < rows; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
-            }
+                }
             for (int64_t pn = p0; pn < p1; ++pn) {
                 const int64_t k0 = pn * KB, kc = std::min(KB, K - k0);
                 const bool acc = pn > p0 || (accumulate && part == 0);
                 for (int64_t g = 0; g < ng; ++g) {
                     const float* A = a + b * sa[0] + g * sa[1] + i0 * sa[2];
                     const Strided Bk{bp + b * sb[0] + g * sb[1] + k0 * sb[2], sb[2]};
-                    float* C = part ? partial.data() + (((part - 1) * nb + b) * ng + g) * M * N + i0 * N
-                                    : c + b * sc[0] + g * sc[1] + i0 * sc[2];
-                    const int64_t ldc = part ? N : sc[2];
+                    const auto [C, ldc] = rows_of_part(part, b, g, i0);
                     if (sa[3] == 1)
                         gemm(rows, N, kc, Strided{A + k0, sa[2]}, Bk, C, ldc, acc);
                     else
@@ -641,10 +639,10 @@ int attnlab_gemm(const int64_t* sizes, const int64_t* strides, void* const* ptrs
     });
     for (int64_t part = 1; part < parts; ++part)  // the K parts into C
         for (int64_t b = 0; b < nb; ++b)
-            for (int64_t g = 0; g < ng; ++g)
-                for (int64_t i = 0; i < M; ++i)
-                    scaled_add(c + b * sc[0] + g * sc[1] + i * sc[2],
-                               partial.data() + (((part - 1) * nb + b) * ng + g) * M * N + i * N, 1.0f, N);
+            for (int64_t g = 0; g < ng; ++g) {
+                const float* add = rows_of_part(part, b, g, 0).first;
+                for (int64_t i = 0; i < M; ++i) scaled_add(c + b * sc[0] + g * sc[1] + i * sc[2], add + i * N, 1.0f, N);
+            }
     return 0;
 }
 
