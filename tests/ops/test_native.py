@@ -196,6 +196,18 @@ def test_a_compile_error_is_reported_not_raised(fresh_state, monkeypatch, tmp_pa
     assert not list((tmp_path / "kernels").glob("*.so"))  # no partial library left behind
 
 
+def test_a_compiler_without_openmp_still_builds_the_kernels(fresh_state, monkeypatch, tmp_path):
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    monkeypatch.setattr(native, "_OPENMP", "-fno-such-openmp-flag")  # as a compiler that rejects -fopenmp
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the std::thread split
+    assert native.available(), native.status()
+    assert len(list((tmp_path / "kernels").glob("tile_attention-*.so"))) == 1
+    q, k, v = tiles(3, 2, 2, 16, 16, 16, 16)
+    ref = reference_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(native.tile_attention(q, k, v).double(), ref, **TOL)
+
+
 # ------------------------------------------------------------------------------- pooled result buffers
 
 

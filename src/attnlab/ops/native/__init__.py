@@ -45,7 +45,10 @@ _HERE = Path(__file__).parent
 # compiled together into one library; the header is hashed with them
 _SOURCES = (_HERE / "tile_attention.cpp", _HERE / "neighborhood.cpp")
 _HEADERS = (_HERE / "vec.h",)
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp"]
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+# The kernels' threads: OpenMP's, i.e. PyTorch's own pool (see vec.h, parallel); std::threads if the compiler has no
+# OpenMP.
+_OPENMP = "-fopenmp"
 # Tile sizes above which SDPA's blocked kernel is as fast (and its memory smaller): queries, keys. A tile's logits
 # (MAX_TILE[0] x MAX_TILE[1] floats at most, 4 MB) live in a per-thread workspace.
 MAX_TILE = (512, 2048)
@@ -55,25 +58,35 @@ _LIB: ctypes.CDLL | None = None
 _STATUS: str | None = None
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (g++ or $CXX)")
+def _compile(compiler: str, flags: list[str]) -> Path:
+    """The library built from the sources with ``flags``: cached under a hash of the sources, the flags, the
+    compiler and the CPU; written to a temporary name and renamed into place, so readers see all of it or nothing."""
     source = b"".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
-    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()
+    key = hashlib.sha256(source + " ".join([compiler, *flags, platform.machine(), _cpu_id()]).encode()).hexdigest()
     target = cache_dir() / "kernels" / f"tile_attention-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tile_attention-", suffix=".so")
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True,
+            done = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", tmp], capture_output=True, text=True,
                                   timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
             os.replace(tmp, target)  # readers see no library or the whole one
         finally:
             Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (g++ or $CXX)")
+    try:
+        target = _compile(compiler, [*_FLAGS, _OPENMP])
+    except RuntimeError:
+        target = _compile(compiler, _FLAGS)  # a compiler without OpenMP; a real compile error fails again
     lib = ctypes.CDLL(str(target))
     p, f, i = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     for fn in (lib.attnlab_tile_forward, lib.attnlab_tile_backward):
