@@ -511,8 +511,8 @@ def matmul(a: Tensor, b: Tensor, out: Tensor | None = None, accumulate: bool = F
                          f"{tuple(b.shape)}")
     B, G, M, K = a.shape
     N = b.shape[-1]
-    if out is None:
-        out = _POOL.zeros(B, G, M, N) if accumulate else _POOL.empty(B, G, M, N)
+    if out is None:  # nothing to add to
+        out, accumulate = _POOL.empty(B, G, M, N), False
     if out.shape != (B, G, M, N):
         raise ValueError(f"matmul: expected out {(B, G, M, N)}, got {tuple(out.shape)}")
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in (a, b, out)) or N % 16:

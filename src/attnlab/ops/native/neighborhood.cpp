@@ -143,7 +143,7 @@ struct Band {
     }
 };
 
-// The band of query rows r0 and (R = 2) r1 = r0 + dh, whose windows start at most one key row apart.
+// The band of R query rows r0, r0 + dh, ... (row_bands: each starts its window 0 or dh key rows after the last).
 inline void make_band(const Geo& g, int R, int64_t r0, Band& band) {
     for (int i = 0; i < R; ++i) {
         band.r[i] = r0 + i * g.dh;

@@ -333,8 +333,9 @@ void finish(const Problem& P, int64_t b, int64_t t, int64_t h, Work& w) {
     for (int64_t i0 = 0; i0 < P.tq; i0 += VL) {
         const vf l = load(w.inv.data() + i0), m = load(w.mx.data() + i0);
         const vi seen = l > 0.0f;
-        const vf lse = seen ? m + vlog(seen ? l : splat(1.0f)) : splat(-INFINITY);
-        store(w.inv.data() + i0, seen ? 1.0f / (seen ? l : splat(1.0f)) : splat(0.0f));
+        const vf safe = seen ? l : splat(1.0f);  // no log or division of 0 in the lanes that are thrown away
+        const vf lse = seen ? m + vlog(safe) : splat(-INFINITY);
+        store(w.inv.data() + i0, seen ? 1.0f / safe : splat(0.0f));
         for (int64_t i = i0; i < std::min(P.tq, i0 + VL); ++i)
             if (valid(P, t, i)) *P.lse.row(b, t, h, i, P.tq) = lse[i - i0];
     }
@@ -377,7 +378,7 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
         if (P.dv % VL) copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);  // value rows padded to whole vectors
         row_blocks(P, t, blocks);
         if (fused) {  // one block: logits and softmax of every row in registers
-            column_bias(P, b, t, w.cb.data());
+            if (it == begin || h == 0) column_bias(P, b, t, w.cb.data());  // per tile: its heads share it
             if (P.mask.p) rows_of(P.mask, b, t, h, P.tq, w.mr.data());
             const float* const* mask = P.mask.p ? w.mr.data() : nullptr;
             upto8(tkp / VL, [&](auto nv) {
