@@ -1,7 +1,8 @@
 // Where a 64 x 64 tile's time goes in the fused tile kernel (docs/native.md, "Limits"): one (tile, head) item of
 // attnlab_tile_forward on the bench's layout (token-major q, k, v and output, 8 heads of 64), with the operands in
 // cache (4 tiles) and streaming (256 tiles: a whole 128 x 128 map), next to this core's FMA peak and the kernel's own
-// 64 x 64 x 64 product in L1. Not part of the test suite.
+// 64 x 64 x 64 product in L1. Needs an x86 CPU with AVX-512 (the peak loop is written in its instructions). Not part
+// of the test suite.
 //
 //   g++ -O3 -march=native -fno-math-errno -std=c++17 -fopenmp benchmarks/tile_item.cpp -o /tmp/tile_item
 //   /tmp/tile_item [threads]          # HEAD_MAJOR=1: q, k, v laid out (head, token, channel) instead
@@ -13,7 +14,7 @@
 
 namespace {
 template <class F>
-double best_of(int trials, int reps, F f) {  // the median of `trials` means over `reps` calls
+double median_seconds(int trials, int reps, F f) {  // the median of `trials` means over `reps` calls
     std::vector<double> t;
     for (int i = 0; i < trials; ++i) {
         auto t0 = std::chrono::steady_clock::now();
@@ -28,7 +29,7 @@ double best_of(int trials, int reps, F f) {  // the median of `trials` means ove
 int main(int argc, char** argv) {
     const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
     const long iters = 50000000;
-    const double fma = best_of(3, 1, [&] {  // 16 independent 512-bit FMA chains
+    const double fma = median_seconds(3, 1, [&] {  // 16 independent 512-bit FMA chains
         for (long k = 0; k < iters; ++k)
             asm volatile(
                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm0\n vfmadd231ps %%zmm30, %%zmm31, %%zmm1\n"
@@ -46,7 +47,7 @@ int main(int argc, char** argv) {
 
     std::vector<float> A(64 * 64), B(64 * 64), C(64 * 64);
     for (size_t i = 0; i < A.size(); ++i) { A[i] = (i % 7) * 0.01f; B[i] = (i % 5) * 0.02f; }
-    const double g = best_of(5, 20000, [&] {
+    const double g = median_seconds(5, 20000, [&] {
         gemm(64, 64, 64, A.data(), 64, B.data(), 64, C.data(), 64, false);
         asm volatile("" ::: "memory");
     });
@@ -70,7 +71,7 @@ int main(int argc, char** argv) {
         set(4, n * h * d, tq * h * d, d, h * d);
         set(5, n * h, tq * h, 1, h);
         void* ptrs[6] = {q.data(), k.data(), v.data(), nullptr, o.data(), lse.data()};
-        const double s = best_of(5, std::max<int64_t>(3, 2000 / T), [&] {
+        const double s = median_seconds(5, std::max<int64_t>(3, 2000 / T), [&] {
             attnlab_tile_forward(sizes, st, ptrs, 0.125f, nullptr, nullptr, nullptr, nullptr, nullptr, threads);
         });
         std::printf("%3ld tiles x %ld heads, %d thread(s): %.2f us per item and thread (%.1f GFLOP/s)\n", T, h,
