@@ -52,19 +52,23 @@ def operands(B, heads, D, Dv, H, Wd, seed=0):
 @needs_kernel
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_and_gradients_equal_the_reference(case):
+    """With and without the software prefetches (on by default only for operands over NA_PREFETCH_BYTES)."""
     B, heads, D, Dv, H, Wd, kernel, dilation = CASES[case]
     rs, cs = starts(H, Wd, kernel, dilation)
     q, k, v = operands(B, heads, D, Dv, H, Wd)
     assert native.neighborhood_supports(q, (H, Wd), cs, kernel, dilation)
-    out = native.neighborhood_attention(q, k, v, rs, cs, kernel, dilation)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = reference(qd, kd, vd, kernel, dilation)
-    torch.testing.assert_close(out.double(), ref, **TOL)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    out.backward(g)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
     ref.backward(g.double())
-    for got, want in ((q, qd), (k, kd), (v, vd)):
-        torch.testing.assert_close(got.grad.double(), want.grad, **TOL)
+    for prefetch in (False, True):
+        for t in (q, k, v):
+            t.grad = None
+        out = native.neighborhood_attention(q, k, v, rs, cs, kernel, dilation, prefetch=prefetch)
+        torch.testing.assert_close(out.double(), ref, **TOL)
+        out.backward(g)
+        for got, want in ((q, qd), (k, kd), (v, vd)):
+            torch.testing.assert_close(got.grad.double(), want.grad, **TOL)
 
 
 @needs_kernel
@@ -154,3 +158,16 @@ def test_module_uses_the_kernel_where_it_applies_and_equals_the_reference(grid, 
     want = torch.autograd.grad(y_ref, [x, ref.qkv.weight, ref.qkv.bias, ref.proj.weight], g.double())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b.double(), **TOL)
+
+
+def test_prefetching_is_chosen_by_the_operands_size():
+    """Software prefetches by default only when q, k and v together exceed NA_PREFETCH_BYTES (they then stream from
+    memory); below it they only cost load slots."""
+    def flag(heads, d, hw):
+        q = torch.empty(1, heads, d, *hw, device="meta")
+        return int(native._na_sizes(q, q, (7, 7), (1, 1), None)[-1])
+
+    assert flag(8, 64, (128, 128)) == 1  # 96 MB: the bench's map
+    assert flag(4, 32, (64, 64)) == 0  # 6 MB
+    big = native.NA_PREFETCH_BYTES // (3 * 4 * 64 * 64) + 1  # heads of 64 channels on a 64-wide row, just over
+    assert flag(1, 64, (big, 64)) == 1 and flag(1, 64, (big - 1, 64)) == 0

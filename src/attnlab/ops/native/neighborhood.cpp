@@ -36,6 +36,7 @@ struct Geo {
     int64_t BH, D, Dv, H, W, kh, kw, dh, dw;
     const int32_t *rs, *cs;
     float scale;
+    bool prefetch;  // software prefetches of the key rows ahead (for operands that stream from memory)
     int64_t centre() const { return dw * (kw / 2); }  // a regular query's column - its window start
     int64_t reach() const { return dw * (kw - 1); }   // a window's last column - its first
 };
@@ -54,6 +55,7 @@ struct Lanes {
                    // not divide W: those lanes are computed again but not counted twice in the backward)
     vi gathered;   // -1 where lane j is active and regular: its dk, dv contributions are gathered per key
     std::vector<std::pair<int, int64_t>> border;  // the other active lanes: (lane, index among the row's border queries)
+    int64_t first, width;  // the key columns this block reads: [first, first + width) of a row (for prefetching)
 };
 
 // The column blocks of a row, and its border queries (active, not regular), in column order; runs of them share a
@@ -104,6 +106,8 @@ bool column_blocks(const Geo& g, Columns& cols) {
             if (hi - L.wbase + reach < 2 * VL)
                 for (int64_t b = 0; b < g.kw; ++b) L.span.push_back(L.slot + (int32_t)(L.base - L.wbase + g.dw * b));
         }
+        L.first = L.span.empty() ? L.base : std::min(L.base, L.wbase);
+        L.width = std::min(g.W, L.base + reach + (L.uniform ? 1 : 2) * VL) - L.first;
         out.push_back(std::move(L));
     }
     cols.runs.push_back(cols.border.size());
@@ -177,6 +181,8 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
     const int64_t ys = y.sc;
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = y.at(bh, 0, band.krow[t]);
+        // the next key row's columns, channel by channel, while this one computes (see streaming())
+        const float* next = g.prefetch && t + 1 < band.nt ? y.at(bh, 0, band.krow[t + 1]) + L.first : nullptr;
         int lo, hi;
         band.rows_using(g, R, t, lo, hi);
         row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
@@ -190,6 +196,7 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
                     for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
                 const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
                 for (int64_t c = 0; c < C; ++c) {
+                    if (next && b0 == 0) prefetch_span(next + c * ys, L.width);
                     vf xv[R];
                     for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
                     const float* yc = yt + c * ys;
@@ -222,6 +229,8 @@ void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const
             for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
         for (int64_t t = 0; t < band.nt; ++t) {
             const float* yt = y.at(bh, c0, band.krow[t]);
+            for (int64_t c = c0 + NC; g.prefetch && c < std::min(C, c0 + 2 * NC); ++c)  // the next chunk's channels
+                prefetch_span(y.at(bh, c, band.krow[t]) + L.first, L.width);
             int lo, hi;
             band.rows_using(g, R, t, lo, hi);
             row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
@@ -451,7 +460,7 @@ inline void with_rows(int R, F&& f) {
 
 Geo geometry(const int64_t* sizes, const int32_t* rs, const int32_t* cs, float scale) {
     return Geo{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6], sizes[7], sizes[8],
-               rs, cs, scale};
+               rs, cs, scale, sizes[10] != 0};
 }
 
 template <class T>
@@ -474,7 +483,7 @@ Operands inputs(void* const* ptrs, const int64_t* strides, const int64_t* sizes)
 extern "C" {
 
 // 1 when the kernel takes this geometry, else 0 (see column_blocks). sizes: [B * heads, D, Dv, H, W, kh, kw, dh,
-// dw, heads].
+// dw, heads, prefetch] (prefetch: 1 to prefetch the key rows ahead in software, for operands larger than the caches).
 int attnlab_na_supported(const int64_t* sizes, const int32_t* cs) {
     Columns cols;
     return column_blocks(geometry(sizes, nullptr, cs, 1.0f), cols) ? 1 : 0;

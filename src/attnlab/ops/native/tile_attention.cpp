@@ -226,9 +226,7 @@ inline void scaled_add(float* dst, const float* src, float s, int64_t n) {  // d
 
 template <int WRITE = 0>
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
-    for (int64_t r = 0; r < n; ++r)
-        for (int64_t c = 0; c < cols; c += 64 / sizeof(float))
-            __builtin_prefetch(rows[r] + c, WRITE, 2);  // into L2: L1 holds the current item
+    for (int64_t r = 0; r < n; ++r) prefetch_span<WRITE, 2>(rows[r], cols);  // into L2: L1 holds the current item
 }
 
 inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }

@@ -72,6 +72,14 @@ inline vf vlog(vf x) {
     return 2.0f * t * p + __builtin_convertvector(e, vf) * 0.693147180559945309f;
 }
 
+// Prefetch the cache lines that hold [p, p + n) (LOCALITY 3: into L1, 2: into L2).
+template <int WRITE = 0, int LOCALITY = 3>
+inline void prefetch_span(const float* p, int64_t n) {
+    const uintptr_t last = reinterpret_cast<uintptr_t>(p + n - 1);
+    for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); a <= last; a += 64)
+        __builtin_prefetch(reinterpret_cast<const void*>(a), WRITE, LOCALITY);
+}
+
 // Horizontal max and sum by halving (four shuffles instead of sixteen element extractions).
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 #define HALVE(v, op)                                                                                         \
