@@ -6,25 +6,11 @@
 //
 //   g++ -O3 -march=native -fno-math-errno -std=c++17 -fopenmp benchmarks/tile_item.cpp -o /tmp/tile_item
 //   /tmp/tile_item [threads]          # HEAD_MAJOR=1: q, k, v laid out (head, token, channel) instead
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 
 #include "../src/attnlab/ops/native/tile_attention.cpp"
-
-namespace {
-template <class F>
-double median_seconds(int trials, int reps, F f) {  // the median of `trials` means over `reps` calls
-    std::vector<double> t;
-    for (int i = 0; i < trials; ++i) {
-        auto t0 = std::chrono::steady_clock::now();
-        for (int r = 0; r < reps; ++r) f();
-        t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps);
-    }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-}
-}  // namespace
+#include "median.h"
 
 int main(int argc, char** argv) {
     const int threads = argc > 1 ? std::atoi(argv[1]) : 1;
