@@ -181,7 +181,8 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
     const int64_t ys = y.sc;
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = y.at(bh, 0, band.krow[t]);
-        // the next key row's columns, channel by channel, while this one computes (see streaming())
+        // the next key row's columns, channel by channel, while this one computes (g.prefetch: operands that stream
+        // from memory, NA_PREFETCH_BYTES in __init__.py)
         const float* next = g.prefetch && t + 1 < band.nt ? y.at(bh, 0, band.krow[t + 1]) + L.first : nullptr;
         int lo, hi;
         band.rows_using(g, R, t, lo, hi);
