@@ -8,7 +8,9 @@ and compares this rank's share of outputs and gradients. A case raises ``Asserti
 
 from __future__ import annotations
 
+import gc
 import traceback
+import types
 
 import torch
 import torch.distributed as dist
@@ -278,13 +280,35 @@ def gather_round_trip(rank, world):
     assert sum(s.length for ss in segs for s in ss) == 9
 
 
+def ring_graph_holds_no_process_group(rank, world):
+    """An output's autograd graph does not keep the default group alive: a graph still alive at interpreter exit
+    would keep it past destroy_process_group() and tear it down during finalisation, where gloo's threads abort the
+    process (about 1 run in 8 of the docs/parallel.md script did). Walks what the graph references, modules,
+    functions and classes aside (they reach the whole torch.distributed state)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (shard_sequence(_randn(g, 1, 2, 8 * world, 4), rank=rank, world=world, dim=2).requires_grad_()
+               for _ in range(3))
+    out = ring_attention(q, k, v, causal=True)
+    group = dist.group.WORLD if world > 1 else None
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (types.ModuleType, types.FunctionType, type)):
+            continue
+        seen.add(id(obj))
+        assert group is None or obj is not group, "ring_attention's autograd graph holds the default process group"
+        todo.extend(gc.get_referents(obj))
+    assert len(seen) > 3, f"the walk reached only {len(seen)} objects: it no longer sees the graph's state"
+    out.sum().backward()
+
+
 CASES = {f.__name__: f for f in (
     ring_bidirectional_zigzag, ring_causal_zigzag, ring_causal_zigzag_even, ring_causal_zigzag_tiny,
     ring_causal_contiguous_uneven, ring_bidirectional_contiguous_empty_share, ring_causal_float32_default_chunks,
     ring_bfloat16_forward, ring_comm_volume, ring_mismatched_calls_raise_everywhere,
     tree_decode_one_token, tree_decode_chunk_causal_splits, tree_round_robin_positions,
     tree_gradients_refused_across_processes, mechanism_ring_self_attention, mechanism_tree_attention_decode,
-    gather_round_trip,
+    gather_round_trip, ring_graph_holds_no_process_group,
 )}
 
 

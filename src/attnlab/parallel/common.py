@@ -59,7 +59,14 @@ class Segment(NamedTuple):
 
 @dataclass(frozen=True)
 class GroupInfo:
-    """A process group seen from one rank; ``group is None`` means a single process without torch.distributed."""
+    """A process group seen from one rank. ``group`` is what torch.distributed's calls take: ``None`` for the default
+    group (or a single process without torch.distributed, ``world == 1``), else the group passed in.
+
+    The default group is not held as an object: a GroupInfo lives on in autograd graphs (a ring attention output
+    keeps its backward's configuration), and a graph still alive at interpreter exit would otherwise keep the
+    default group alive after ``destroy_process_group()``, to be torn down during finalisation, where gloo's
+    threads abort the process ("terminate called without an active exception", about 1 run in 8 of the
+    docs/parallel.md script)."""
 
     group: object | None
     rank: int
@@ -67,7 +74,7 @@ class GroupInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.group is not None and self.world > 1
+        return self.world > 1
 
     def global_rank(self, group_rank: int) -> int:
         """The global rank of ``group_rank`` (torch.distributed's point-to-point calls take global ranks)."""
@@ -88,10 +95,8 @@ def resolve_group(group=None) -> GroupInfo:
     """The group to run on: ``group``, else the default group if one is initialised, else a single process."""
     initialised = dist.is_available() and dist.is_initialized()
     if group is None:
-        if not initialised:
-            return GroupInfo(None, 0, 1)
-        group = dist.group.WORLD
-    elif not initialised:
+        return GroupInfo(None, dist.get_rank(), dist.get_world_size()) if initialised else GroupInfo(None, 0, 1)
+    if not initialised:
         raise ValueError("group: expected None when torch.distributed is not initialised, received a group")
     return GroupInfo(group, dist.get_rank(group), dist.get_world_size(group))
 
