@@ -283,7 +283,7 @@ def gather_round_trip(rank, world):
 def ring_graph_holds_no_process_group(rank, world):
     """An output's autograd graph does not keep the default group alive: a graph still alive at interpreter exit
     would keep it past destroy_process_group() and tear it down during finalisation, where gloo's threads abort the
-    process (about 1 run in 8 of the docs/parallel.md script did). Walks what the graph references, modules,
+    process (3 runs in 37 of the docs/parallel.md script did). Walks what the graph references, modules,
     functions and classes aside (they reach the whole torch.distributed state)."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (shard_sequence(_randn(g, 1, 2, 8 * world, 4), rank=rank, world=world, dim=2).requires_grad_()

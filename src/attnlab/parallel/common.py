@@ -65,7 +65,7 @@ class GroupInfo:
     The default group is not held as an object: a GroupInfo lives on in autograd graphs (a ring attention output
     keeps its backward's configuration), and a graph still alive at interpreter exit would otherwise keep the
     default group alive after ``destroy_process_group()``, to be torn down during finalisation, where gloo's
-    threads abort the process ("terminate called without an active exception", about 1 run in 8 of the
+    threads abort the process ("terminate called without an active exception": 3 runs in 37 of the
     docs/parallel.md script)."""
 
     group: object | None

@@ -404,7 +404,7 @@ def _na_sizes(q: Tensor, v: Tensor, kernel: tuple[int, int], dilation: tuple[int
               prefetch: bool | None) -> Tensor:
     B, heads, D, H, W = q.shape
     if prefetch is None:
-        prefetch = (2 * D + v.shape[2]) * B * heads * H * W * 4 > NA_PREFETCH_BYTES
+        prefetch = (2 * D + v.shape[2]) * B * heads * H * W * q.element_size() > NA_PREFETCH_BYTES
     return torch.tensor([B * heads, D, v.shape[2], H, W, *kernel, *dilation, heads, int(bool(prefetch))],
                         dtype=torch.int64)
 

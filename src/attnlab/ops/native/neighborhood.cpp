@@ -230,8 +230,9 @@ void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const
             for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
         for (int64_t t = 0; t < band.nt; ++t) {
             const float* yt = y.at(bh, c0, band.krow[t]);
-            for (int64_t c = c0 + NC; g.prefetch && c < std::min(C, c0 + 2 * NC); ++c)  // the next chunk's channels
-                prefetch_span(y.at(bh, c, band.krow[t]) + L.first, L.width);
+            if (g.prefetch)  // the next chunk's channels of this key row
+                for (int64_t c = c0 + NC; c < std::min(C, c0 + 2 * NC); ++c)
+                    prefetch_span(y.at(bh, c, band.krow[t]) + L.first, L.width);
             int lo, hi;
             band.rows_using(g, R, t, lo, hi);
             row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
