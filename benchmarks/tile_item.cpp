@@ -58,7 +58,7 @@ int main(int argc, char** argv) {
         set(5, n * h, tq * h, 1, h);
         void* ptrs[6] = {q.data(), k.data(), v.data(), nullptr, o.data(), lse.data()};
         const double s = median_seconds(5, std::max<int64_t>(3, 2000 / T), [&] {
-            attnlab_tile_forward(sizes, st, ptrs, 0.125f, nullptr, nullptr, nullptr, nullptr, nullptr, threads);
+            attnlab_tile_forward(sizes, st, ptrs, 0.125f, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, threads);
         });
         std::printf("%3ld tiles x %ld heads, %d thread(s): %.2f us per item and thread (%.1f GFLOP/s)\n", T, h,
                     threads, s / (T * h) * threads * 1e6, 4.0 * T * h * tq * tq * d / s / 1e9);

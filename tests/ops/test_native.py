@@ -233,8 +233,9 @@ def test_pool_returns_buffers_of_the_same_size():
     n = pool.MIN_BYTES // 4
     a = pool.empty(n)
     ptr = a.data_ptr()
+    assert ptr % 64 == 0  # on a cache line: the kernels stream whole output lines
     del a
-    assert pool.idle_bytes == n * 4
+    assert n * 4 <= pool.idle_bytes < n * 4 + 64
     assert pool.empty(n).data_ptr() == ptr
     pool.clear()
     assert pool.idle_bytes == 0
@@ -374,3 +375,137 @@ def test_channel_attention_is_taken_only_for_float32_widths_of_16():
     assert not native.matmul_supports(q.double())
     with native.disabled():
         assert not native.matmul_supports(q)
+
+
+# ------------------------------------------------------------- key ranges alone, and masks shared by tiles
+
+
+def ranges_keep(ranges, tk):
+    cols = torch.arange(tk)
+    return (cols >= ranges[..., :1]) & (cols < ranges[..., 1:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("tk", [48, 64, 100])  # one register block of keys (fused), and two passes
+def test_key_ranges_alone_hide_every_key_outside_them(tk):
+    """``k_range`` without a mask is exact: each query sees its run of keys and nothing else -- runs not on vector
+    boundaries, runs that differ inside a block of rows, and an empty run."""
+    T, tq, H, D = 3, 24, 2, 16
+    g = torch.Generator().manual_seed(4)
+    first = torch.randint(0, tk - 1, (T, tq), generator=g)
+    last = torch.minimum(first + torch.randint(1, 40, (T, tq), generator=g), torch.tensor(tk))
+    ranges = torch.stack([first, last], -1).to(torch.int32)
+    ranges[0, :8] = torch.tensor([16, 48 if tk >= 48 else tk])  # a whole block of rows on one vector-aligned run
+    ranges[1, 3] = 0  # a query that sees nothing: (0, 0)
+    q, k, v = (torch.randn(1, H, T * n, D, generator=g).requires_grad_() for n in (tq, tk, tk))
+    qi = torch.arange(T * tq).view(T, tq)
+    ki = torch.arange(T * tk).view(T, tk)
+    o, lse = native.indexed_attention(q, k, v, qi, ki, None, k_range=ranges, return_lse=True)
+
+    keep = ranges_keep(ranges.long(), tk)
+    tiles = [t.detach().double().view(H, T, -1, D).transpose(0, 1).requires_grad_() for t in (q, k, v)]
+    ro, rlse = reference_attention(*tiles, attn_mask=keep[:, None], return_lse=True)
+    torch.testing.assert_close(o.double().view(H, T, tq, D).transpose(0, 1), ro, **TOL)
+    torch.testing.assert_close(lse.double().view(H, T, tq).transpose(0, 1), rlse, **TOL)
+    assert torch.equal(o[0, :, tq + 3], torch.zeros(H, D))
+    w = torch.randn(o.shape, generator=g)
+    grads = torch.autograd.grad((o * w).sum(), (q, k, v))
+    ref = torch.autograd.grad((ro * w.double().view(H, T, tq, D).transpose(0, 1)).sum(), tiles)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a.double().view(H, T, -1, D).transpose(0, 1), b, **TOL)
+
+
+@needs_kernel
+def test_tiles_take_shared_masks_by_index_with_gradients_per_mask():
+    """``mask_index``: tile t adds ``mask[mask_index[t]]`` (-1: nothing); each shared mask's gradient is the sum over
+    the tiles that take it -- the same as expanding the masks to one per tile."""
+    T, tq, tk, H, D = 5, 16, 32, 2, 16
+    g = torch.Generator().manual_seed(5)
+    masks = torch.randn(3, H, tq, tk, generator=g).masked_fill(torch.rand(3, H, tq, tk, generator=g) < 0.3,
+                                                               float("-inf")).requires_grad_()
+    sel = torch.tensor([2, -1, 0, 2, 1])
+    q, k, v = (torch.randn(1, H, T * n, D, generator=g).requires_grad_() for n in (tq, tk, tk))
+    qi, ki = torch.arange(T * tq).view(T, tq), torch.arange(T * tk).view(T, tk)
+    o = native.indexed_attention(q, k, v, qi, ki, None, masks, mask_index=sel)
+
+    per_tile = torch.cat([masks, torch.zeros(1, H, tq, tk)])[sel]  # slot -1 -> the zero mask
+    o_ref = native.indexed_attention(q, k, v, qi, ki, None, per_tile[None])
+    torch.testing.assert_close(o, o_ref, **TOL)
+    w = torch.randn(o.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((o * w).sum(), (q, k, v, masks)),
+                    torch.autograd.grad((o_ref * w).sum(), (q, k, v, masks))):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@needs_kernel
+def test_a_bad_mask_index_is_refused_with_what_was_expected():
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    qi = ki = torch.arange(8).view(2, 4)
+    masks = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"mask_index needs a \(2,\) index"):
+        native.indexed_attention(q, k, v, qi, ki, None, masks, mask_index=torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"must be in \[-1, 2\), got 0 \.\. 2"):
+        native.indexed_attention(q, k, v, qi, ki, None, masks, mask_index=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="mask_index needs"):
+        native.indexed_attention(q, k, v, qi, ki, None, None, mask_index=torch.tensor([0, 1]))
+
+
+def rolled_windows():
+    """Swin's shifted windows on a 12 x 12 map: 4 x 4 windows rolled by 2 (regions on vector boundaries after
+    reordering) and 4 x 6 windows rolled by (2, 3) (regions of 6 and 12 slots: ranges inside vectors)."""
+    return {"4x4 by 2": W.combine_plans([W.rolled_block_plan(12, 4, 2)] * 2),
+            "4x6 by (2, 3)": W.combine_plans([W.rolled_block_plan(12, 4, 2), W.rolled_block_plan(12, 6, 3)])}
+
+
+def test_window_regions_reorder_every_edge_tile_into_runs():
+    for plan in rolled_windows().values():
+        r = W._regions(plan)
+        assert r is not None and r.orders.shape[0] == 4 and int(r.full.sum()) == 1  # inside, 2 edges, corner
+        for t in range(plan.tiles):
+            o = r.order[t]
+            assert torch.equal(torch.sort(o).values, torch.arange(plan.tq))  # a permutation of the tile's slots
+            assert torch.equal(plan.keep[t][o][:, o], ranges_keep(r.k_range[t].long(), plan.tk))
+    assert W._regions(W.combine_plans([W.neighborhood_plan(11, 5, tile=4)] * 2)) is None  # neighbourhoods: no runs
+    assert W._regions(W.band_plan(40, 40, 4, 4, 8)) is None  # keys are not the tile's queries
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(rolled_windows()))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_window_regions_path_same_as_sdpa(name, with_bias, monkeypatch):
+    """Shifted windows by regions (reordered slots, key ranges, one mask per class of tile) -- through
+    tiled_attention (rows read in place) and tile_attention (tiles already gathered) -- equal the SDPA path on
+    outputs, log-sum-exp and gradients, a shared bias included."""
+    plan = rolled_windows()[name]
+    calls = []
+    kernel = native.indexed_attention
+
+    def spy(*args, **kw):  # the regions path: exact key ranges, and masks by class only with a bias
+        calls.append((args[10] is W._regions(plan).k_range, args[11] is not None))
+        return kernel(*args, **kw)
+
+    monkeypatch.setattr(native, "indexed_attention", spy)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 144, 4, 16, generator=g).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 144, 2, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
+    table = torch.randn(1, 4, plan.tq, plan.tk, generator=g).requires_grad_() if with_bias else None
+    leaves = (q, k, v) + ((table,) if with_bias else ())
+
+    def tiles(t):
+        return t.transpose(1, 2).index_select(1, plan.q_index.reshape(-1)).view(-1, plan.tq, t.shape[1], 16) \
+            .transpose(1, 2)
+
+    def run(tiled):
+        if tiled:
+            o, lse = W.tiled_attention(q, k, v, plan, bias=table, return_lse=True)
+        else:
+            o, lse = W.tile_attention(tiles(q), tiles(k), tiles(v), plan, 2, bias=table, return_lse=True)
+        return (o, lse), torch.autograd.grad((o * o.detach().sin()).sum() + lse.sum(), leaves)
+
+    for tiled in (True, False):
+        fast = run(tiled)
+        with native.disabled():
+            sdpa = run(tiled)
+        for a, b in zip(fast[0] + fast[1], sdpa[0] + sdpa[1]):
+            torch.testing.assert_close(a, b, **TOL)
+    assert calls == [(True, with_bias)] * 2

@@ -531,8 +531,17 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, *, scale: f
 def _tiled_native(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, B: int, scale, key_padding_mask, bias,
                   return_lse: bool):
     """:func:`tiled_attention` by the fused kernel reading each tile's rows in place (nothing gathered, outputs
-    written to their positions): the plan's mask and a tensor bias become one additive ``(B|1, T, Hq|1, tq, tk)``."""
+    written to their positions): the plan's mask and a tensor bias become one additive ``(B|1, T, Hq|1, tq, tk)``,
+    or, for windows whose regions line up (:func:`_regions`), a few shared masks and exact key ranges."""
     T = plan.tiles
+    regions = _regions(plan) if key_padding_mask is None else None
+    shared = _shared_bias(bias)
+    if regions is not None and (bias is None or shared is not None):
+        mask, sel = _region_masks(regions, shared, q.dtype)
+        q_valid = None if bool(plan.q_valid.all()) else plan.q_valid.gather(1, regions.order).to(torch.uint8)
+        index = regions.positions
+        return native.indexed_attention(q, k, v, index, index, q_valid, mask, None, scale, return_lse,
+                                        regions.k_range, sel)
     q_valid, mask, ranges = _native_args(plan, q.dtype, str(q.device))
     if bias is not None:
         b = _fold_bias(bias, B, T).to(q.dtype)
@@ -551,6 +560,83 @@ def _native_args(plan: TilePlan, dtype: torch.dtype, device: str):
     if plan.keep is None:
         return q_valid, None, None
     return q_valid, _additive_keep(plan, dtype, device).unsqueeze(0), native.key_ranges(plan.keep)
+
+
+@dataclass(frozen=True, eq=False)
+class _Regions:
+    """A window plan's tiles with each tile's slots reordered so that every query sees one contiguous run of keys.
+
+    ``order (T, tq)``: the new slot order of each tile (the same for its queries and keys); ``k_range (T, tq, 2)``
+    int32: each reordered query's visible keys, exactly (nothing else hidden); ``cls (T,)``: each tile's class (tiles
+    of a class share order and mask: Swin's shifted windows have four -- inside, two edges, the corner);
+    ``orders (U, tq)`` and ``keeps (U, tq, tk)`` (reordered) per class; ``full (U,)``: the class sees all its keys;
+    ``positions (T, tq)``: the plan's positions in the new order; ``slots (T, tq)``: the new order as slots of
+    window-ordered tiles (``t * tq + order``)."""
+
+    order: Tensor
+    k_range: Tensor
+    cls: Tensor
+    orders: Tensor
+    keeps: Tensor
+    full: Tensor
+    positions: Tensor
+    slots: Tensor
+
+
+_MAX_CLASSES = 64  # more distinct tile masks than this: not windows with a few kinds of edge
+
+
+@lru_cache(maxsize=_CACHE)
+def _regions(plan: TilePlan) -> _Regions | None:
+    """The :class:`_Regions` of a plan whose tiles attend within themselves (keys = queries, slot for slot) and whose
+    masks group the slots into regions (Swin's and CAT's shifted windows: the rolled-in ends of the map kept apart),
+    or None. The fused kernel then skips the hidden pairs of every edge tile (their regions are whole blocks of
+    rows and columns) and needs no mask at all; without it every edge tile computes its whole ``tq x tk`` block
+    and reads a mask per tile (6-8% of a 128 x 128 map's pairs, hidden, for 8 x 8 and 4 x 16 windows)."""
+    if plan.keep is None or plan.tq != plan.tk or not torch.equal(plan.q_index, plan.k_index):
+        return None
+    T, tq, tk = plan.keep.shape
+    keeps, cls = torch.unique(plan.keep.reshape(T, tq * tk), dim=0, return_inverse=True)
+    if keeps.shape[0] > _MAX_CLASSES:
+        return None
+    keeps = keeps.view(-1, tq, tk)
+    cols = torch.arange(tk)
+    orders, reordered, ranges = [], [], []
+    for keep in keeps:
+        first = torch.where(keep.any(1), keep.to(torch.int8).argmax(1), tk)  # a region's slots share their first key
+        order = torch.sort(first, stable=True).indices
+        kp = keep[order][:, order]
+        r = native.key_ranges(kp[None])[0]
+        if not torch.equal(kp, (cols >= r[:, :1]) & (cols < r[:, 1:])):  # not regions: some query's keys not a run
+            return None
+        orders.append(order)
+        reordered.append(kp)
+        ranges.append(r)
+    orders, keeps, ranges = torch.stack(orders), torch.stack(reordered), torch.stack(ranges)
+    order = orders[cls]
+    return _Regions(order, ranges[cls], cls, orders, keeps, keeps.flatten(1).all(1), plan.q_index.gather(1, order),
+                    torch.arange(T)[:, None] * tq + order)
+
+
+def _shared_bias(bias) -> Tensor | None:
+    """A tensor bias that every tile shares, as ``(Hq | 1, tq, tk)``; None for a per-tile or content bias (or none)."""
+    if bias is None or callable(bias) or bias.dim() not in (4, 5) or any(n != 1 for n in bias.shape[:-3]):
+        return None
+    return bias.reshape(bias.shape[-3:])
+
+
+def _region_masks(regions: _Regions, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    """The fused kernel's masks of a :class:`_Regions` plan: none without a bias (the key ranges hide all there is
+    to hide), else one ``(Hq | 1, tq, tk)`` bias per class, reordered as the class's slots and hidden outside its
+    keeps, and the class of every tile."""
+    if bias is None:
+        return None, None
+    o = regions.orders
+    tq, tk = regions.keeps.shape[1:]
+    b = bias.to(dtype).expand(bias.shape[0], tq, tk)
+    masks = torch.stack([b[:, o[u]][:, :, o[u]].masked_fill(~regions.keeps[u], float("-inf"))
+                         for u in range(o.shape[0])])
+    return masks, regions.cls.to(torch.int32)
 
 
 def _untile(parts: list[Tensor], B: int, rows: int, q_len: int, slots: Tensor | None) -> Tensor:
@@ -729,7 +815,35 @@ def tile_attention(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, batch: in
     if qt.shape[0] != B * T or qt.shape[-2] != tq or kt.shape[0] != B * T or kt.shape[-2] != tk:
         raise shape_error("tile_attention", f"q tiles (B*T, Hq, {tq}, D), k/v tiles (B*T, Hkv, {tk}, D) with "
                           f"B*T = {B * T}", f"q {tuple(qt.shape)}, k {tuple(kt.shape)}")
+    if key_padding_mask is None:
+        out = _tiles_by_regions(qt, kt, vt, plan, B, scale, bias, return_lse)
+        if out is not None:
+            return out
     return _attend(qt, kt, vt, plan, B, slice(0, T), None, scale, key_padding_mask, bias, return_lse)
+
+
+def _tiles_by_regions(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int, scale, bias, return_lse: bool):
+    """:func:`tile_attention` by the fused kernel for a plan with :func:`_regions`: the tiles' rows read in place in
+    each class's slot order (outputs written back to their own slots). None where that does not apply: no regions,
+    a bias that is not shared by the tiles, tiles the kernel does not take or whose rows are not evenly spaced."""
+    regions = _regions(plan)
+    shared = _shared_bias(bias)
+    if regions is None or (bias is not None and shared is None) or not native.supports(qt, kt, vt, None):
+        return None
+    T, tq = plan.tiles, plan.tq
+    flat = []
+    for t in (qt, kt, vt):  # (B*T, H, tq, D) -> (B, H, T*tq, D), a view when the tiles are token-major
+        if T > 1 and t.stride(0) != tq * t.stride(2):
+            return None
+        flat.append(t.unflatten(0, (B, T)).transpose(1, 2).flatten(2, 3))
+    mask, sel = _region_masks(regions, shared, qt.dtype)
+    res = native.indexed_attention(*flat, regions.slots, regions.slots, None, mask, None, scale, return_lse,
+                                   regions.k_range, sel)
+    o, lse = res if return_lse else (res, None)
+    o = o.transpose(1, 2).reshape(B * T, tq, *o.shape[1::2]).transpose(1, 2)  # (B*T, Hq, tq, Dv), token-major
+    if not return_lse:
+        return o
+    return o, lse.unflatten(2, (T, tq)).transpose(1, 2).flatten(0, 1)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:

@@ -90,7 +90,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     p, f, i = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     for fn in (lib.attnlab_tile_forward, lib.attnlab_tile_backward):
-        fn.argtypes = [p, p, p, f, p, p, p, p, p, i]
+        fn.argtypes = [p, p, p, f, p, p, p, p, p, p, i]
     lib.attnlab_tile_forward.restype = lib.attnlab_tile_backward.restype = i
     for fn in (lib.attnlab_na_forward, lib.attnlab_na_backward):
         fn.argtypes = [p, p, p, f, p, p, i]
@@ -199,18 +199,19 @@ class _Pool:
             if base is not None:
                 self.idle_bytes -= base.nbytes
         if base is None:
-            base = np.empty(n, dtype=np.float32)
-        view = base.view()
-        weakref.finalize(view, self._give_back, base)
+            base = np.empty(n + 15, dtype=np.float32)
+        first = (-base.ctypes.data % 64) // 4  # rows start on cache lines (the kernels stream whole lines out)
+        view = base[first:first + n]
+        weakref.finalize(view, self._give_back, base, n)
         return torch.from_numpy(view).view(*shape)
 
     def zeros(self, *shape: int) -> Tensor:
         return self.empty(*shape).zero_()
 
-    def _give_back(self, base: np.ndarray) -> None:
+    def _give_back(self, base: np.ndarray, n: int) -> None:
         with self.lock:
             if self.idle_bytes + base.nbytes <= self.LIMIT_BYTES:
-                self.idle.setdefault(base.size, []).append(base)
+                self.idle.setdefault(n, []).append(base)
                 self.idle_bytes += base.nbytes
 
     def clear(self) -> None:
@@ -260,12 +261,14 @@ class _Geometry:
     """Where each tile's rows are: ``B`` batch elements of ``T`` tiles; ``q_index (T, tq)`` / ``k_index (T, tk)``
     token positions (None: the operands are already tiles, ``B`` counting them), ``q_valid (T, tq)`` uint8,
     ``kpm (B, Nk)`` uint8 (1 = key kept), ``k_range (T, tq, 2)`` int32: the key slots ``[first, last)`` each query
-    may see (forward and backward skip the rest of its tile's region)."""
+    may see (the rest hidden; forward and backward skip the columns no query of a block sees), ``mask_sel (B * T)``
+    int32: which of the mask's slots (its first dimension) each tile takes, -1 for none."""
 
-    def __init__(self, B, T, tq, tk, q_index=None, k_index=None, q_valid=None, kpm=None, k_range=None):
+    def __init__(self, B, T, tq, tk, q_index=None, k_index=None, q_valid=None, kpm=None, k_range=None,
+                 mask_sel=None):
         self.B, self.T, self.tq, self.tk = B, T, tq, tk
         self.q_index, self.k_index, self.q_valid, self.kpm = q_index, k_index, q_valid, kpm
-        self.k_range = k_range
+        self.k_range, self.mask_sel = k_range, mask_sel
 
     def call(self, fn, ops: list[Tensor | None], strides: list[int], D: int, Dv: int, Hq: int, Hkv: int,
              scale: float) -> None:
@@ -274,12 +277,12 @@ class _Geometry:
         st = torch.tensor(strides, dtype=torch.int64)
         ptrs = (ctypes.c_void_p * len(ops))(*[_ptr(t) for t in ops])
         fn(sizes.data_ptr(), st.data_ptr(), ptrs, scale, _ptr(self.q_index), _ptr(self.k_index),
-           _ptr(self.q_valid), _ptr(self.kpm), _ptr(self.k_range), torch.get_num_threads())
+           _ptr(self.q_valid), _ptr(self.kpm), _ptr(self.k_range), _ptr(self.mask_sel), torch.get_num_threads())
 
 
 class _Fused(torch.autograd.Function):
-    """``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D[v])``, ``mask (B, T, Hq, tq, tk)`` additive (broadcastable), laid
-    out in tiles by ``geo``. Returns ``o (B, Hq, Nq, Dv)`` (token-major memory) and ``lse (B, Hq, Nq)``."""
+    """``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D[v])``, ``mask (B, T, Hq, tq, tk)`` additive (broadcastable; with
+    ``geo.mask_sel``, ``(slots, 1, Hq, tq, tk)``), laid out in tiles by ``geo``. Returns ``o (B, Hq, Nq, Dv)`` (token-major memory) and ``lse (B, Hq, Nq)``."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, geo, rows):
@@ -312,6 +315,10 @@ class _Fused(torch.autograd.Function):
                  _shared_strides(q, k, v, m, o, lse) + _op(do) + _op(None if dlse is None else dlse[..., None])
                  + _op(dq) + _op(dk) + _op(dv) + [0] * 4,
                  D, Dv, Hq, Hkv, ctx.scale)
+        if want_mask and geo.mask_sel is not None:  # each slot's gradient: the sum over the tiles that take it
+            sel = geo.mask_sel.long()
+            dm = dm.view(-1, *dm.shape[2:])[sel >= 0]
+            dm = torch.zeros(m.shape[0], *dm.shape[1:], dtype=dm.dtype).index_add_(0, sel[sel >= 0], dm).unsqueeze(1)
         dmask = dm.sum_to_size(m.shape) if want_mask else None
         return dq, dk, dv, dmask, None, None, None
 
@@ -355,13 +362,17 @@ def tile_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, 
 
 def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index: Tensor, q_valid: Tensor | None,
                       mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
-                      scale: float | None = None, return_lse: bool = False, k_range: Tensor | None = None):
+                      scale: float | None = None, return_lse: bool = False, k_range: Tensor | None = None,
+                      mask_index: Tensor | None = None):
     """Softmax attention of query tiles to key regions read in place: ``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk,
     D[v])``; tile ``t``'s queries are positions ``q_index[t]`` and its keys ``k_index[t]`` (no gathered copies; each
     real query in exactly one valid slot, ``q_valid (T, tq)``). ``mask``: additive logits broadcastable to
     ``(B, T, Hq, tq, tk)``; ``key_padding_mask (B, Nk)`` True = keep; ``k_range (T, tq, 2)`` int32, optional: the
     key slots ``[first, last)`` outside which a query sees nothing (:func:`key_ranges` of a plan's keep mask; the
-    forward then skips the columns a block of queries does not see). Returns ``(B, Hq, Nq, Dv)`` (token-major
+    forward then skips the columns a block of queries does not see). ``mask_index (T,)``, optional: tiles share
+    masks -- ``mask (slots, Hq | 1, tq, tk)`` holds each distinct one and tile ``t`` takes slot ``mask_index[t]``
+    (-1: no mask), so that a few masks are read from cache instead of one per tile from memory. Returns
+    ``(B, Hq, Nq, Dv)`` (token-major
     memory) and with ``return_lse`` the log-sum-exp ``(B, Hq, Nq)``. The engine of
     :func:`attnlab.ops.window.tiled_attention` on CPU float32."""
     _check(q, k)
@@ -373,9 +384,19 @@ def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index:
     qv = None if q_valid is None else q_valid.to(torch.uint8).contiguous()
     kpm = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     m = None if mask is None else _unit_last(mask)
+    sel = None
+    if mask_index is not None:
+        if m is None or m.dim() != 4 or tuple(mask_index.shape) != (T,):
+            raise ValueError(f"indexed_attention: mask_index needs a ({T},) index and a (slots, Hq | 1, {tq}, {tk}) "
+                             f"mask, got {tuple(mask_index.shape)} and "
+                             f"{None if m is None else tuple(m.shape)}")
+        if T and not (-1 <= int(mask_index.min()) and int(mask_index.max()) < m.shape[0]):
+            raise ValueError(f"indexed_attention: mask_index must be in [-1, {m.shape[0]}), got "
+                             f"{int(mask_index.min())} .. {int(mask_index.max())}")
+        sel, m = mask_index.to(torch.int32).repeat(B).contiguous(), m.unsqueeze(1)  # (slots, 1, Hq | 1, tq, tk)
     q, k, v = (_unit_last(t) for t in (q, k, v))
     kr = None if k_range is None else k_range.to(torch.int32).contiguous()
-    o, lse = _Fused.apply(q, k, v, m, scale, _Geometry(B, T, tq, tk, qi, ki, qv, kpm, kr), q.shape[2])
+    o, lse = _Fused.apply(q, k, v, m, scale, _Geometry(B, T, tq, tk, qi, ki, qv, kpm, kr, sel), q.shape[2])
     return (o, lse) if return_lse else o
 
 

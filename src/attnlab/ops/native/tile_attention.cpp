@@ -164,10 +164,12 @@ struct Problem {
     int64_t B, T, hq, hkv, tq, tk, d, dv;
     float scale;
     Op<const float> q, k, v, mask;  // mask: additive logits (already scaled), or null; rows never indexed
+    const int32_t* mask_sel;        // (B * T): the mask slot (along mask.sb) of each (b, t), -1 for none; or null
     Op<float> o, lse;               // lse: a 1-column operand (one float per query row)
     const uint8_t* q_valid;         // (T, tq): slots whose output is written, or null (all)
     const uint8_t* kpm;             // (B, key positions): 0 = padding key, or null; kpm_sb its batch stride
-    const int32_t* krange;          // (T, tq, 2): first and one-past-last key slot each query sees, or null (all)
+    const int32_t* krange;          // (T, tq, 2): first and one-past-last key slot each query sees (the rest
+                                    // hidden; the mask may hide more), or null (all)
     int64_t kpm_sb;
     // backward
     Op<const float> out, dout, dlse;  // dlse may be null
@@ -178,7 +180,7 @@ struct Problem {
 // Per-thread scratch, sized once per call.
 struct Work {
     std::vector<float> kt, vt, S, dS, Tb, qb, kb, vb, dob, acc, dqa, dka, dva, inv, delta, mx, cb;
-    std::vector<const float*> qr, kr, vr, dor, mr;
+    std::vector<const float*> qr, kr, vr, dor;
     Work(const Problem& P, bool backward) {
         const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
         kt.resize(P.d * tkp); S.resize(P.tq * tkp); qr.resize(P.tq); kr.resize(P.tk); vr.resize(P.tk);
@@ -190,13 +192,24 @@ struct Work {
             dob.resize(P.tq * dvp); dqa.resize(P.tq * dp); dka.resize(P.tk * dp); dva.resize(P.tk * dvp);
             delta.resize(P.tq); dor.resize(P.tq);
         } else {
-            acc.resize(P.tq * dvp); cb.resize(tkp); mr.resize(P.tq);
+            acc.resize(P.tq * dvp); cb.resize(tkp);
         }
     }
 };
 
 // The scale still to apply to S: 1 when logits() applied it with the mask.
 inline float pending_scale(const Problem& P) { return P.mask.p ? 1.0f : P.scale; }
+
+// Item (b, t, h)'s mask (its row i at + i * mask.sr), or null when it has none.
+inline const float* mask_of(const Problem& P, int64_t b, int64_t t, int64_t h) {
+    if (!P.mask.p) return nullptr;
+    if (!P.mask_sel) return P.mask.p + b * P.mask.sb + t * P.mask.st + h * P.mask.sh;
+    const int32_t slot = P.mask_sel[b * P.T + t];
+    return slot < 0 ? nullptr : P.mask.p + slot * P.mask.sb + h * P.mask.sh;
+}
+
+// The key slots [first, last) of tile t's query i, or null when every query may see every key.
+inline const int32_t* key_range(const Problem& P, int64_t t) { return P.krange ? P.krange + 2 * t * P.tq : nullptr; }
 
 // Row pointers of (b, t, h) for an operand.
 template <class T>
@@ -224,6 +237,29 @@ inline void scaled_add(float* dst, const float* src, float s, int64_t n) {  // d
     for (; c < n; ++c) dst[c] += src[c] * s;
 }
 
+// dst = s * src by non-temporal stores (whole lines straight to memory, no read for ownership) where dst is a run of
+// whole aligned vectors and the machine has them; stream_fence() orders them before the kernel returns.
+inline bool stream_ok(const float* dst, int64_t n) {
+#ifdef __AVX512F__
+    return n % VL == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+#else
+    (void)dst; (void)n;
+    return false;
+#endif
+}
+inline void stream_scaled(float* dst, const float* src, float s, int64_t n) {
+#ifdef __AVX512F__
+    for (int64_t c = 0; c < n; c += VL) _mm512_stream_ps(dst + c, (__m512)(load(src + c) * s));
+#else
+    scaled_to(dst, src, s, n);
+#endif
+}
+inline void stream_fence() {
+#ifdef __AVX512F__
+    _mm_sfence();
+#endif
+}
+
 template <int WRITE = 0>
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
     for (int64_t r = 0; r < n; ++r) prefetch_span<WRITE, 2>(rows[r], cols);  // into L2: L1 holds the current item
@@ -248,26 +284,37 @@ void row_blocks(const Problem& P, int64_t t, std::vector<Block>& out) {
             const int32_t* r = P.krange + 2 * (t * P.tq + i);
             if (r[0] < r[1]) { j0 = std::min<int64_t>(j0, r[0]); j1 = std::max<int64_t>(j1, r[1]); }
         }
-        if (j0 >= j1) { out.push_back({i0, i1, 0, 0}); continue; }  // no row of the block sees a key
-        out.push_back({i0, i1, j0 / VL * VL, std::min(tkp, round_up(j1))});
+        const Block k = j0 >= j1 ? Block{i0, i1, 0, 0}  // no row of the block sees a key
+                                 : Block{i0, i1, j0 / VL * VL, std::min(tkp, round_up(j1))};
+        if (!out.empty() && out.back().j0 == k.j0 && out.back().j1 == k.j1) out.back().i1 = i1;  // same columns
+        else out.push_back(k);
     }
 }
 
 // logits of rows [i0, i1) x key columns [j0, j1) of one (b, t, h): S = q k^T from the q rows (the block's first row
-// first) and kt = k^T (d x tkp). With a mask the scale and the mask are applied here (S = scale q k^T + mask);
-// without one the caller folds the scale into the exponent. Padding keys (of the kpm, and past tk) are -inf.
+// first) and kt = k^T (d x tkp). With a mask operand the scale and the item's mask (if it has one) are applied here
+// (S = scale q k^T + mask); without one the caller folds the scale into the exponent. Padding keys (of the kpm, and
+// past tk) and the keys outside a query's key range are -inf.
 template <class AT>
 void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, const Block& k, Work& w) {
     const int64_t tkp = round_up(P.tk), kend = std::min(k.j1, P.tk);
+    const float* mask = mask_of(P, b, t, h);
+    const int32_t* kr = key_range(P, t);
     float* S = w.S.data();
     gemm(k.i1 - k.i0, k.j1 - k.j0, P.d, q, Strided{w.kt.data() + k.j0, tkp}, S + k.i0 * tkp + k.j0, tkp, false);
     for (int64_t i = k.i0; i < k.i1; ++i) {
         float* s = S + i * tkp;
-        if (P.mask.p) {
-            const float* mi = P.mask.row(b, t, h, i, P.tq);
+        if (mask) {
+            const float* mi = mask + i * P.mask.sr;
             for (int64_t j = k.j0; j < kend; ++j) s[j] = s[j] * P.scale + mi[j];
+        } else if (P.mask.p) {
+            for (int64_t j = k.j0; j < kend; ++j) s[j] *= P.scale;
         }
         for (int64_t j = std::max(kend, k.j0); j < k.j1; ++j) s[j] = -INFINITY;
+        if (kr) {
+            for (int64_t j = k.j0; j < std::min<int64_t>(kr[2 * i], k.j1); ++j) s[j] = -INFINITY;
+            for (int64_t j = std::max<int64_t>(kr[2 * i + 1], k.j0); j < k.j1; ++j) s[j] = -INFINITY;
+        }
     }
     if (P.kpm) {
         const uint8_t* kp = P.kpm + b * P.kpm_sb;
@@ -278,21 +325,29 @@ void logits(const Problem& P, int64_t b, int64_t t, int64_t h, const AT& q, cons
     }
 }
 
-// Rows i .. i + MR of a tile whose key columns all fit one register block of NV vectors: the logits and the
-// unnormalised softmax without leaving registers. s = scale q k^T + mask + cb (cb: 0, or -inf for padding keys);
+// Rows i .. i + MR of a tile whose block of key columns [j0, j0 + NV VL) fits one register block of NV vectors: the
+// logits and the unnormalised softmax without leaving registers. kt, mask (row r at + r * ldm), cb and S start at
+// column j0. s = scale q k^T + mask + cb (cb: 0, or -inf for padding keys), -inf outside the row's key range kr;
 // S = exp(s - m) is stored, the row max m to mx and the row sum to l (finish() turns them into lse and 1 / l).
 template <int MR, int NV, class AT>
-inline void softmax_rows(int64_t K, const AT& A, int64_t i, const float* kt, int64_t ldk, const float* const* mask,
-                         const float* cb, float scale, float* S, int64_t lds, float* mx, float* l) {
+inline void softmax_rows(int64_t K, const AT& A, int64_t i, const float* kt, int64_t ldk, const float* mask,
+                         int64_t ldm, const float* cb, const int32_t* kr, int64_t j0, float scale, float* S,
+                         int64_t lds, float* mx, float* l) {
     vf c[MR][NV];
     for (int r = 0; r < MR; ++r)
         for (int v = 0; v < NV; ++v) c[r][v] = splat(0.0f);
     product<MR, NV>(K, A, i, Strided{kt, ldk}, 0, c);
     for (int r = 0; r < MR; ++r) {
         vf top = splat(-INFINITY);
+        const int64_t first = kr ? kr[2 * (i + r)] - j0 : 0, last = kr ? kr[2 * (i + r) + 1] - j0 : NV * VL;
         for (int v = 0; v < NV; ++v) {
             c[r][v] = c[r][v] * scale + load(cb + v * VL);
-            if (mask) c[r][v] += load(mask[i + r] + v * VL);
+            if (mask) c[r][v] += load(mask + (i + r) * ldm + v * VL);
+            if (first > 0 || last < NV * VL) {  // part of the block is outside this row's range
+                vf col = splat(float(v * VL));
+                for (int e = 0; e < VL; ++e) col[e] += e;
+                c[r][v] = (col < float(first)) | (col >= float(last)) ? splat(-INFINITY) : c[r][v];
+            }
             top = vmax(top, c[r][v]);
         }
         float* s = S + (i + r) * lds;
@@ -310,14 +365,16 @@ inline void softmax_rows(int64_t K, const AT& A, int64_t i, const float* kt, int
     }
 }
 
+// softmax_rows over rows [i0, i1).
 template <int NV, class AT>
-void softmax_block(int64_t M, int64_t K, const AT& A, const float* kt, int64_t ldk, const float* const* mask,
-                   const float* cb, float scale, float* S, int64_t lds, float* mx, float* l) {
+void softmax_block(int64_t i0, int64_t i1, int64_t K, const AT& A, const float* kt, int64_t ldk, const float* mask,
+                   int64_t ldm, const float* cb, const int32_t* kr, int64_t j0, float scale, float* S, int64_t lds,
+                   float* mx, float* l) {
     constexpr int MR = rows_for<NV>();
-    int64_t i = 0;
-    for (; i + MR <= M; i += MR) softmax_rows<MR, NV>(K, A, i, kt, ldk, mask, cb, scale, S, lds, mx, l);
-    upto8(M - i, [&](auto rows) {
-        softmax_rows<decltype(rows)::value, NV>(K, A, i, kt, ldk, mask, cb, scale, S, lds, mx, l);
+    int64_t i = i0;
+    for (; i + MR <= i1; i += MR) softmax_rows<MR, NV>(K, A, i, kt, ldk, mask, ldm, cb, kr, j0, scale, S, lds, mx, l);
+    upto8(i1 - i, [&](auto rows) {
+        softmax_rows<decltype(rows)::value, NV>(K, A, i, kt, ldk, mask, ldm, cb, kr, j0, scale, S, lds, mx, l);
     });
 }
 
@@ -355,7 +412,7 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
     std::vector<const float*> next(std::max(P.tq, P.tk));
     std::vector<Block> blocks;
     // key columns in one register block, and a mask whose rows can be read by whole vectors
-    const bool fused = !P.krange && tkp <= FUSED_NV * VL && (!P.mask.p || P.tk % VL == 0);
+    const bool fused = tkp <= FUSED_NV * VL && (!P.mask.p || P.tk % VL == 0);
     for (int64_t it = begin; it < end; ++it) {
         const int64_t h = it % P.hq, t = it / P.hq % P.T, b = it / P.hq / P.T, hk = h / group;
         rows_of(P.q, b, t, h, P.tq, w.qr.data());
@@ -369,28 +426,13 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
             prefetch(next.data(), P.tk, P.d);
             rows_of(P.v, b1, t1, h1 / group, P.tk, next.data());
             prefetch(next.data(), P.tk, P.dv);
-            rows_of(P.o, b1, t1, h1, P.tq, next.data());  // owned for writing before the stores reach it
-            prefetch<1>(next.data(), P.tq, P.dv);
         }
         transpose(w.kr.data(), P.tk, P.d, w.kt.data(), tkp);
         if (P.dv % VL) copy_rows(w.vr.data(), P.tk, P.dv, w.vb.data(), dvp);  // value rows padded to whole vectors
         row_blocks(P, t, blocks);
-        if (fused) {  // one block: logits and softmax of every row in registers
-            if (it == begin || h == 0) column_bias(P, b, t, w.cb.data());  // per tile: its heads share it
-            if (P.mask.p) rows_of(P.mask, b, t, h, P.tq, w.mr.data());
-            const float* const* mask = P.mask.p ? w.mr.data() : nullptr;
-            upto8(tkp / VL, [&](auto nv) {
-                constexpr int NV = decltype(nv)::value;
-                if constexpr (NV <= FUSED_NV) {
-                    if (P.q.idx)
-                        softmax_block<NV>(P.tq, P.d, Rows{w.qr.data()}, w.kt.data(), tkp, mask, w.cb.data(),
-                                          P.scale, w.S.data(), tkp, w.mx.data(), w.inv.data());
-                    else
-                        softmax_block<NV>(P.tq, P.d, Strided{w.qr[0], P.q.sr}, w.kt.data(), tkp, mask, w.cb.data(),
-                                          P.scale, w.S.data(), tkp, w.mx.data(), w.inv.data());
-                }
-            });
-        }
+        if (fused && (it == begin || h == 0)) column_bias(P, b, t, w.cb.data());  // per tile: its heads share it
+        const float* mask = fused ? mask_of(P, b, t, h) : nullptr;
+        const int32_t* kr = key_range(P, t);
         for (const Block& k : blocks) {
             const int64_t rows = k.i1 - k.i0, kend = std::min(k.j1, P.tk);  // value rows stop at tk
             if (k.j0 >= k.j1) {  // nothing visible: output 0, lse -inf
@@ -398,7 +440,22 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
                 std::memset(w.acc.data() + k.i0 * dvp, 0, rows * dvp * sizeof(float));
                 continue;
             }
-            if (!fused) {
+            if (fused) {  // logits and softmax of the block's rows in registers
+                const float* mk = mask ? mask + k.j0 : nullptr;
+                upto8((k.j1 - k.j0) / VL, [&](auto nv) {
+                    constexpr int NV = decltype(nv)::value;
+                    if constexpr (NV <= FUSED_NV) {
+                        const float* kt = w.kt.data() + k.j0;
+                        float *S = w.S.data() + k.j0, *cb = w.cb.data() + k.j0;
+                        if (P.q.idx)
+                            softmax_block<NV>(k.i0, k.i1, P.d, Rows{w.qr.data()}, kt, tkp, mk, P.mask.sr, cb, kr,
+                                              k.j0, P.scale, S, tkp, w.mx.data(), w.inv.data());
+                        else
+                            softmax_block<NV>(k.i0, k.i1, P.d, Strided{w.qr[0], P.q.sr}, kt, tkp, mk, P.mask.sr, cb,
+                                              kr, k.j0, P.scale, S, tkp, w.mx.data(), w.inv.data());
+                    }
+                });
+            } else {
                 if (P.q.idx)  // rows by pointer; evenly strided rows index faster (no pointer load per row)
                     logits(P, b, t, h, Rows{w.qr.data() + k.i0}, k, w);
                 else
@@ -432,9 +489,12 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
         finish(P, b, t, h, w);  // lse, and inv = 1 / l
         for (int64_t i = 0; i < P.tq; ++i) {
             if (!valid(P, t, i)) continue;
-            scaled_to(P.o.row(b, t, h, i, P.tq), w.acc.data() + i * dvp, w.inv[i], P.dv);
+            float* o = P.o.row(b, t, h, i, P.tq);
+            if (stream_ok(o, P.dv)) stream_scaled(o, w.acc.data() + i * dvp, w.inv[i], P.dv);
+            else scaled_to(o, w.acc.data() + i * dvp, w.inv[i], P.dv);
         }
     }
+    stream_fence();
 }
 
 // Work item w = b * hkv + hk, over all tiles: the query heads of the group and every tile that shares a key add
@@ -539,7 +599,8 @@ Op<T> op(void* const* ptrs, const int64_t* st, int i, const int64_t* idx) {
 
 // What both directions share: q, k, v, mask (slots 0-3) and lse (slot 5), the indices, masks and key ranges.
 Problem problem(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale, const int64_t* q_index,
-                const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm, const int32_t* k_range) {
+                const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm, const int32_t* k_range,
+                const int32_t* mask_sel) {
     Problem P{};
     P.B = sizes[0]; P.T = sizes[1]; P.hq = sizes[2]; P.hkv = sizes[3]; P.tq = sizes[4]; P.tk = sizes[5];
     P.d = sizes[6]; P.dv = sizes[7]; P.kpm_sb = sizes[8];
@@ -549,7 +610,7 @@ Problem problem(const int64_t* sizes, const int64_t* strides, void* const* ptrs,
     P.v = op<const float>(ptrs, strides, 2, k_index);
     P.mask = op<const float>(ptrs, strides, 3, nullptr);
     P.lse = op<float>(ptrs, strides, 5, q_index);
-    P.q_valid = q_valid; P.kpm = kpm; P.krange = k_range;
+    P.q_valid = q_valid; P.kpm = kpm; P.krange = k_range; P.mask_sel = mask_sel;
     return P;
 }
 
@@ -559,12 +620,13 @@ extern "C" {
 
 // sizes: [B, T, hq, hkv, tq, tk, d, dv, kpm batch stride]. ptrs and strides (4 per operand: batch, tile, head, row),
 // in this order: q, k, v, mask, o, lse. q_index (T, tq) and k_index (T, tk) may be null (rows are then the tile's
-// own rows i); q_index also addresses o and lse. q_valid (T, tq), kpm and k_range (T, tq, 2: the key slots each
-// query may see, a superset of what the mask keeps) may be null.
+// own rows i); q_index also addresses o and lse. q_valid (T, tq), kpm, k_range (T, tq, 2: the key slots [first, last)
+// each query may see; the mask may hide more) and mask_sel (B * T: the slot along the mask's batch stride that holds
+// (b, t)'s mask, -1 for no mask; its tile stride is then ignored) may be null.
 int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                          const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
-                         const int32_t* k_range, int threads) {
-    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm, k_range);
+                         const int32_t* k_range, const int32_t* mask_sel, int threads) {
+    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm, k_range, mask_sel);
     P.o = op<float>(ptrs, strides, 4, q_index);
     parallel(P.B * P.T * P.hq, threads, [&](int64_t a, int64_t b) { forward_range(P, a, b); });
     return 0;
@@ -574,8 +636,8 @@ int attnlab_tile_forward(const int64_t* sizes, const int64_t* strides, void* con
 // keys are shared between tiles) and dmask (optional, contiguous (B, T, hq, tq, tk); its strides are ignored).
 int attnlab_tile_backward(const int64_t* sizes, const int64_t* strides, void* const* ptrs, float scale,
                           const int64_t* q_index, const int64_t* k_index, const uint8_t* q_valid, const uint8_t* kpm,
-                          const int32_t* k_range, int threads) {
-    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm, k_range);
+                          const int32_t* k_range, const int32_t* mask_sel, int threads) {
+    Problem P = problem(sizes, strides, ptrs, scale, q_index, k_index, q_valid, kpm, k_range, mask_sel);
     P.out = op<const float>(ptrs, strides, 4, q_index);
     P.dout = op<const float>(ptrs, strides, 6, q_index);
     P.dlse = op<const float>(ptrs, strides, 7, q_index);

@@ -11,7 +11,7 @@
 #include <type_traits>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
