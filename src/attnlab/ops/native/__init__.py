@@ -316,9 +316,10 @@ class _Fused(torch.autograd.Function):
                  + _op(dq) + _op(dk) + _op(dv) + [0] * 4,
                  D, Dv, Hq, Hkv, ctx.scale)
         if want_mask and geo.mask_sel is not None:  # each slot's gradient: the sum over the tiles that take it
-            sel = geo.mask_sel.long()
-            dm = dm.view(-1, *dm.shape[2:])[sel >= 0]
-            dm = torch.zeros(m.shape[0], *dm.shape[1:], dtype=dm.dtype).index_add_(0, sel[sel >= 0], dm).unsqueeze(1)
+            sel, dm = geo.mask_sel.long(), dm.view(-1, *dm.shape[2:])
+            if not bool((sel >= 0).all()):
+                dm, sel = dm[sel >= 0], sel[sel >= 0]
+            dm = torch.zeros(m.shape[0], *dm.shape[1:], dtype=dm.dtype).index_add_(0, sel, dm).unsqueeze(1)
         dmask = dm.sum_to_size(m.shape) if want_mask else None
         return dq, dk, dv, dmask, None, None, None
 
