@@ -14,6 +14,11 @@ the tiles exactly, at cost ``O(N * tk * d)`` and memory ``O(N * tk)``:
   :func:`attnlab.ops.attention` (torch SDPA), in bounded groups (fully visible tiles without a mask), gathered into
   buffers reused between no-grad calls (see ``_WORKSPACE``; :func:`release_workspace` frees them).
 
+Shifted windows (Swin's roll, CAT's axial shift) keep the rolled-in ends of the map apart inside their edge windows.
+On the fused kernel those windows run *by regions* (``_regions``): each edge window's slots are reordered so that
+every region is a run, each query then sees one exact key range, the hidden pairs are never computed, and a bias
+shared by the windows becomes one mask per class of window instead of one per window.
+
 Window mechanisms whose key regions are their query tiles can instead gather the *input* once (:func:`gather_rows`),
 project inside the windows and call :func:`tile_attention` directly, then :func:`scatter_rows` -- one copy of the
 input instead of three of q, k, v. :func:`attention_tiles` is the single dispatch (fused kernel or SDPA) for any batch
@@ -840,7 +845,8 @@ def _tiles_by_regions(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int
     res = native.indexed_attention(*flat, regions.slots, regions.slots, None, mask, None, scale, return_lse,
                                    regions.k_range, sel)
     o, lse = res if return_lse else (res, None)
-    o = o.transpose(1, 2).reshape(B * T, tq, *o.shape[1::2]).transpose(1, 2)  # (B*T, Hq, tq, Dv), token-major
+    Hq, Dv = o.shape[1], o.shape[3]
+    o = o.transpose(1, 2).reshape(B * T, tq, Hq, Dv).transpose(1, 2)  # (B*T, Hq, tq, Dv), token-major
     if not return_lse:
         return o
     return o, lse.unflatten(2, (T, tq)).transpose(1, 2).flatten(0, 1)
