@@ -509,3 +509,15 @@ def test_window_regions_path_same_as_sdpa(name, with_bias, monkeypatch):
         for a, b in zip(fast[0] + fast[1], sdpa[0] + sdpa[1]):
             torch.testing.assert_close(a, b, **TOL)
     assert calls == [(True, with_bias)] * 2
+
+
+@needs_kernel
+def test_an_output_large_enough_to_be_streamed_equals_sdpa():
+    """Outputs of 8 MB and more are written by non-temporal stores (STREAM_BYTES in tile_attention.cpp): 10 MB here,
+    from the pool, whose buffers start on a cache line."""
+    T, H, t, D = 160, 4, 64, 64  # 160 * 4 * 64 * 64 floats = 10 MB of output
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(T, t, H, D, generator=g).transpose(1, 2) for _ in range(3))
+    o = native.tile_attention(q, k, v)
+    assert o.untyped_storage().data_ptr() % 64 == 0
+    torch.testing.assert_close(o, torch.nn.functional.scaled_dot_product_attention(q, k, v), **TOL)
