@@ -539,14 +539,11 @@ def _tiled_native(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, B: int, scale
     written to their positions): the plan's mask and a tensor bias become one additive ``(B|1, T, Hq|1, tq, tk)``,
     or, for windows whose regions line up (:func:`_regions`), a few shared masks and exact key ranges."""
     T = plan.tiles
-    regions = _regions(plan) if key_padding_mask is None else None
-    shared = _shared_bias(bias)
-    if regions is not None and (bias is None or shared is not None):
-        mask, sel = _region_masks(regions, shared, q.dtype)
-        q_valid = None if bool(plan.q_valid.all()) else plan.q_valid.gather(1, regions.order).to(torch.uint8)
-        index = regions.positions
-        return native.indexed_attention(q, k, v, index, index, q_valid, mask, None, scale, return_lse,
-                                        regions.k_range, sel)
+    by_regions = _by_regions(plan, bias, q.dtype) if key_padding_mask is None else None
+    if by_regions is not None:
+        r, mask, sel = by_regions
+        return native.indexed_attention(q, k, v, r.positions, r.positions, r.valid, mask, None, scale, return_lse,
+                                        r.k_range, sel)
     q_valid, mask, ranges = _native_args(plan, q.dtype, str(q.device))
     if bias is not None:
         b = _fold_bias(bias, B, T).to(q.dtype)
@@ -574,17 +571,17 @@ class _Regions:
     ``order (T, tq)``: the new slot order of each tile (the same for its queries and keys); ``k_range (T, tq, 2)``
     int32: each reordered query's visible keys, exactly (nothing else hidden); ``cls (T,)``: each tile's class (tiles
     of a class share order and mask: Swin's shifted windows have four -- inside, two edges, the corner);
-    ``orders (U, tq)`` and ``keeps (U, tq, tk)`` (reordered) per class; ``full (U,)``: the class sees all its keys;
-    ``positions (T, tq)``: the plan's positions in the new order; ``slots (T, tq)``: the new order as slots of
-    window-ordered tiles (``t * tq + order``)."""
+    ``orders (U, tq)`` and ``keeps (U, tq, tk)`` (reordered) per class; ``positions (T, tq)``: the plan's positions
+    in the new order, and ``valid`` its padding slots in that order (uint8; None when there are none); ``slots (T,
+    tq)``: the new order as slots of window-ordered tiles (``t * tq + order``)."""
 
     order: Tensor
     k_range: Tensor
     cls: Tensor
     orders: Tensor
     keeps: Tensor
-    full: Tensor
     positions: Tensor
+    valid: Tensor | None
     slots: Tensor
 
 
@@ -619,29 +616,26 @@ def _regions(plan: TilePlan) -> _Regions | None:
         ranges.append(r)
     orders, keeps, ranges = torch.stack(orders), torch.stack(reordered), torch.stack(ranges)
     order = orders[cls]
-    return _Regions(order, ranges[cls], cls, orders, keeps, keeps.flatten(1).all(1), plan.q_index.gather(1, order),
+    valid = None if bool(plan.q_valid.all()) else plan.q_valid.gather(1, order).to(torch.uint8)
+    return _Regions(order, ranges[cls], cls, orders, keeps, plan.q_index.gather(1, order), valid,
                     torch.arange(T)[:, None] * tq + order)
 
 
-def _shared_bias(bias) -> Tensor | None:
-    """A tensor bias that every tile shares, as ``(Hq | 1, tq, tk)``; None for a per-tile or content bias (or none)."""
-    if bias is None or callable(bias) or bias.dim() not in (4, 5) or any(n != 1 for n in bias.shape[:-3]):
+def _by_regions(plan: TilePlan, bias, dtype: torch.dtype) -> tuple[_Regions, Tensor | None, Tensor | None] | None:
+    """The fused kernel's arguments for a plan with :func:`_regions` -- the regions, the masks and each tile's mask --
+    or None (no regions, or a bias the tiles do not share: per tile, or computed from the queries). Without a bias
+    there is no mask (the key ranges hide all there is to hide); with one, one ``(Hq | 1, tq, tk)`` mask per class of
+    tile, the bias reordered as the class's slots and hidden outside its keeps."""
+    regions = _regions(plan)
+    if regions is None or bias is None:
+        return None if regions is None else (regions, None, None)
+    if callable(bias) or bias.dim() not in (4, 5) or any(n != 1 for n in bias.shape[:-3]):
         return None
-    return bias.reshape(bias.shape[-3:])
-
-
-def _region_masks(regions: _Regions, bias: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-    """The fused kernel's masks of a :class:`_Regions` plan: none without a bias (the key ranges hide all there is
-    to hide), else one ``(Hq | 1, tq, tk)`` bias per class, reordered as the class's slots and hidden outside its
-    keeps, and the class of every tile."""
-    if bias is None:
-        return None, None
     o = regions.orders
     tq, tk = regions.keeps.shape[1:]
-    b = bias.to(dtype).expand(bias.shape[0], tq, tk)
-    masks = torch.stack([b[:, o[u]][:, :, o[u]].masked_fill(~regions.keeps[u], float("-inf"))
-                         for u in range(o.shape[0])])
-    return masks, regions.cls.to(torch.int32)
+    b = bias.to(dtype).reshape(bias.shape[-3:]).expand(-1, tq, tk)
+    masks = b[:, o[:, :, None], o[:, None, :]].transpose(0, 1)  # (U, Hq | 1, tq, tk)
+    return regions, masks.masked_fill(~regions.keeps[:, None], float("-inf")), regions.cls.to(torch.int32)
 
 
 def _untile(parts: list[Tensor], B: int, rows: int, q_len: int, slots: Tensor | None) -> Tensor:
@@ -831,17 +825,16 @@ def _tiles_by_regions(qt: Tensor, kt: Tensor, vt: Tensor, plan: TilePlan, B: int
     """:func:`tile_attention` by the fused kernel for a plan with :func:`_regions`: the tiles' rows read in place in
     each class's slot order (outputs written back to their own slots). None where that does not apply: no regions,
     a bias that is not shared by the tiles, tiles the kernel does not take or whose rows are not evenly spaced."""
-    regions = _regions(plan)
-    shared = _shared_bias(bias)
-    if regions is None or (bias is not None and shared is None) or not native.supports(qt, kt, vt, None):
+    by_regions = _by_regions(plan, bias, qt.dtype)
+    if by_regions is None or not native.supports(qt, kt, vt, None):
         return None
+    regions, mask, sel = by_regions
     T, tq = plan.tiles, plan.tq
     flat = []
     for t in (qt, kt, vt):  # (B*T, H, tq, D) -> (B, H, T*tq, D), a view when the tiles are token-major
         if T > 1 and t.stride(0) != tq * t.stride(2):
             return None
         flat.append(t.unflatten(0, (B, T)).transpose(1, 2).flatten(2, 3))
-    mask, sel = _region_masks(regions, shared, qt.dtype)
     res = native.indexed_attention(*flat, regions.slots, regions.slots, None, mask, None, scale, return_lse,
                                    regions.k_range, sel)
     o, lse = res if return_lse else (res, None)

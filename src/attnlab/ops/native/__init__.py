@@ -282,7 +282,8 @@ class _Geometry:
 
 class _Fused(torch.autograd.Function):
     """``q (B, Hq, Nq, D)``, ``k, v (B, Hkv, Nk, D[v])``, ``mask (B, T, Hq, tq, tk)`` additive (broadcastable; with
-    ``geo.mask_sel``, ``(slots, 1, Hq, tq, tk)``), laid out in tiles by ``geo``. Returns ``o (B, Hq, Nq, Dv)`` (token-major memory) and ``lse (B, Hq, Nq)``."""
+    ``geo.mask_sel``, ``(slots, 1, Hq, tq, tk)``), laid out in tiles by ``geo``. Returns ``o (B, Hq, Nq, Dv)``
+    (token-major memory) and ``lse (B, Hq, Nq)``."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, geo, rows):
@@ -373,8 +374,7 @@ def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index:
     forward then skips the columns a block of queries does not see). ``mask_index (T,)``, optional: tiles share
     masks -- ``mask (slots, Hq | 1, tq, tk)`` holds each distinct one and tile ``t`` takes slot ``mask_index[t]``
     (-1: no mask), so that a few masks are read from cache instead of one per tile from memory. Returns
-    ``(B, Hq, Nq, Dv)`` (token-major
-    memory) and with ``return_lse`` the log-sum-exp ``(B, Hq, Nq)``. The engine of
+    ``(B, Hq, Nq, Dv)`` (token-major memory) and with ``return_lse`` the log-sum-exp ``(B, Hq, Nq)``. The engine of
     :func:`attnlab.ops.window.tiled_attention` on CPU float32."""
     _check(q, k)
     B = q.shape[0]
@@ -391,9 +391,9 @@ def indexed_attention(q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, k_index:
             raise ValueError(f"indexed_attention: mask_index needs a ({T},) index and a (slots, Hq | 1, {tq}, {tk}) "
                              f"mask, got {tuple(mask_index.shape)} and "
                              f"{None if m is None else tuple(m.shape)}")
-        if T and not (-1 <= int(mask_index.min()) and int(mask_index.max()) < m.shape[0]):
-            raise ValueError(f"indexed_attention: mask_index must be in [-1, {m.shape[0]}), got "
-                             f"{int(mask_index.min())} .. {int(mask_index.max())}")
+        lo, hi = (int(x) for x in mask_index.aminmax()) if T else (-1, -1)
+        if lo < -1 or hi >= m.shape[0]:
+            raise ValueError(f"indexed_attention: mask_index must be in [-1, {m.shape[0]}), got {lo} .. {hi}")
         sel, m = mask_index.to(torch.int32).repeat(B).contiguous(), m.unsqueeze(1)  # (slots, 1, Hq | 1, tq, tk)
     q, k, v = (_unit_last(t) for t in (q, k, v))
     kr = None if k_range is None else k_range.to(torch.int32).contiguous()

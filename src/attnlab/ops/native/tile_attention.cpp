@@ -209,7 +209,7 @@ inline const float* mask_of(const Problem& P, int64_t b, int64_t t, int64_t h) {
     return slot < 0 ? nullptr : P.mask.p + slot * P.mask.sb + h * P.mask.sh;
 }
 
-// The key slots [first, last) of tile t's query i, or null when every query may see every key.
+// Tile t's key ranges (query i sees key slots [r[2 i], r[2 i + 1])), or null when every query may see every key.
 inline const int32_t* key_range(const Problem& P, int64_t t) { return P.krange ? P.krange + 2 * t * P.tq : nullptr; }
 
 // Row pointers of (b, t, h) for an operand.
@@ -266,9 +266,8 @@ inline void stream_fence() {
 #endif
 }
 
-template <int WRITE = 0>
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {
-    for (int64_t r = 0; r < n; ++r) prefetch_span<WRITE, 2>(rows[r], cols);  // into L2: L1 holds the current item
+    for (int64_t r = 0; r < n; ++r) prefetch_span<0, 2>(rows[r], cols);  // into L2: L1 holds the current item
 }
 
 inline bool valid(const Problem& P, int64_t t, int64_t i) { return !P.q_valid || P.q_valid[t * P.tq + i]; }
