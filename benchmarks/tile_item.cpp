@@ -10,7 +10,7 @@
 #include <cstdlib>
 
 #include "../src/attnlab/ops/native/tile_attention.cpp"
-#include "median.h"
+#include "harness.h"
 
 int main(int argc, char** argv) {
     const int threads = argc > 1 ? std::atoi(argv[1]) : 1;

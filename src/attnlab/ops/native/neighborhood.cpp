@@ -343,6 +343,21 @@ struct Operands {
     const float* lse_saved;  // read by the backward
 };
 
+// The softmax of 16 queries' n logits (n vectors at S, every query sees n keys): unnormalised p in place, the
+// log-sum-exp stored at lse; returns 1 / the sums.
+inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
+    vf m = load(S);
+    for (int64_t j = 1; j < n; ++j) m = vmax(m, load(S + j * VL));
+    vf sum = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+        const vf e = vexp((load(S + j * VL) - m) * scale);
+        store(S + j * VL, e);
+        sum += e;
+    }
+    store(lse, m * scale + vlog(sum));
+    return 1.0f / sum;
+}
+
 // Forward of one column block of the band's R query rows.
 template <int R, bool U>
 void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S) {
@@ -351,18 +366,7 @@ void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band
     for (int i = 0; i < R; ++i) x[i] = X.q.at(bh, 0, band.r[i]) + c0;
     dots<R, U>(g, g.D, x, X.q.sc, X.k, bh, band, L, S);
     vf inv[R];
-    for (int i = 0; i < R; ++i) {  // unnormalised p in place; every query sees kh * kw keys
-        vf m = load(S[i]);
-        for (int64_t j = 1; j < n; ++j) m = vmax(m, load(S[i] + j * VL));
-        vf sum = splat(0.0f);
-        for (int64_t j = 0; j < n; ++j) {
-            const vf e = vexp((load(S[i] + j * VL) - m) * g.scale);
-            store(S[i] + j * VL, e);
-            sum += e;
-        }
-        inv[i] = 1.0f / sum;
-        store(X.lse + (bh * g.H + band.r[i]) * g.W + c0, m * g.scale + vlog(sum));
-    }
+    for (int i = 0; i < R; ++i) inv[i] = softmax_lanes(S[i], n, g.scale, X.lse + (bh * g.H + band.r[i]) * g.W + c0);
     weighted<R, U>(g, g.Dv, S, X.v, bh, band, L, [&](int i, int64_t c, vf acc) {
         store(X.o.at(bh, c, band.r[i]) + c0, acc * inv[i]);
     });
