@@ -463,7 +463,7 @@ def test_window_regions_reorder_every_edge_tile_into_runs():
         assert r is not None and r.orders.shape[0] == 4  # inside, 2 edges, corner: only the inside sees all its keys
         assert int(r.keeps.flatten(1).all(1).sum()) == 1
         for t in range(plan.tiles):
-            o = r.order[t]
+            o = r.orders[r.cls[t]]
             assert torch.equal(torch.sort(o).values, torch.arange(plan.tq))  # a permutation of the tile's slots
             assert torch.equal(plan.keep[t][o][:, o], ranges_keep(r.k_range[t].long(), plan.tk))
     assert W._regions(W.combine_plans([W.neighborhood_plan(11, 5, tile=4)] * 2)) is None  # neighbourhoods: no runs

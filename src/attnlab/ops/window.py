@@ -568,14 +568,13 @@ def _native_args(plan: TilePlan, dtype: torch.dtype, device: str):
 class _Regions:
     """A window plan's tiles with each tile's slots reordered so that every query sees one contiguous run of keys.
 
-    ``order (T, tq)``: the new slot order of each tile (the same for its queries and keys); ``k_range (T, tq, 2)``
-    int32: each reordered query's visible keys, exactly (nothing else hidden); ``cls (T,)``: each tile's class (tiles
-    of a class share order and mask: Swin's shifted windows have four -- inside, two edges, the corner);
-    ``orders (U, tq)`` and ``keeps (U, tq, tk)`` (reordered) per class; ``positions (T, tq)``: the plan's positions
+    ``cls (T,)``: each tile's class (tiles of a class share order and mask: Swin's shifted windows have four --
+    inside, two edges, the corner); ``orders (U, tq)``: each class's new slot order (the same for its queries and
+    keys; tile t's is ``orders[cls[t]]``) and ``keeps (U, tq, tk)`` its mask in that order; ``k_range (T, tq, 2)``
+    int32: each reordered query's visible keys, exactly (nothing else hidden); ``positions (T, tq)``: the plan's positions
     in the new order, and ``valid`` its padding slots in that order (uint8; None when there are none); ``slots (T,
     tq)``: the new order as slots of window-ordered tiles (``t * tq + order``)."""
 
-    order: Tensor
     k_range: Tensor
     cls: Tensor
     orders: Tensor
@@ -617,7 +616,7 @@ def _regions(plan: TilePlan) -> _Regions | None:
     orders, keeps, ranges = torch.stack(orders), torch.stack(reordered), torch.stack(ranges)
     order = orders[cls]
     valid = None if bool(plan.q_valid.all()) else plan.q_valid.gather(1, order).to(torch.uint8)
-    return _Regions(order, ranges[cls], cls, orders, keeps, plan.q_index.gather(1, order), valid,
+    return _Regions(ranges[cls], cls, orders, keeps, plan.q_index.gather(1, order), valid,
                     torch.arange(T)[:, None] * tq + order)
 
 

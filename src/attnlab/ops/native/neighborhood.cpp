@@ -29,16 +29,14 @@ template <class T>
 struct Planes {
     T* p = nullptr;
     int64_t sb = 0, sh = 0, sc = 0, sr = 0, heads = 1;
-    T* at(int64_t bh, int64_t c, int64_t r) const { return p + bh / heads * sb + bh % heads * sh + c * sc + r * sr; }
-    // The plane of (batch, head) bh, addressed by (channel, row): the loops index planes by channel and row many
-    // times per block, and bh's split into batch and head is an integer division (~10% of k = 7's forward when it
-    // was done per output store).
+    // The plane of (batch, head) bh, addressed by (channel, row). Each call site takes it once: splitting bh into
+    // batch and head is an integer division, ~10% of k = 7's forward when it was done per channel store.
     struct Plane {
         T* p;
         int64_t sc, sr;
         T* at(int64_t c, int64_t r) const { return p + c * sc + r * sr; }
     };
-    Plane plane(int64_t bh) const { return Plane{at(bh, 0, 0), sc, sr}; }
+    Plane plane(int64_t bh) const { return Plane{p + bh / heads * sb + bh % heads * sh, sc, sr}; }
 };
 
 struct Geo {
@@ -403,11 +401,12 @@ struct RowWork {
 template <int R, bool U>
 void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, RowWork* w) {
     const int64_t c0 = L.c0, n = g.kh * g.kw;
+    const auto qp = X.q.plane(bh), dop = X.dout.plane(bh), outp = X.out.plane(bh);
     const float *xq[R], *xdo[R];
     float *P[R], *dS[R];
     for (int i = 0; i < R; ++i) {
-        xq[i] = X.q.plane(bh).at(0, band.r[i]) + c0;
-        xdo[i] = X.dout.plane(bh).at(0, band.r[i]) + c0;
+        xq[i] = qp.at(0, band.r[i]) + c0;
+        xdo[i] = dop.at(0, band.r[i]) + c0;
         P[i] = w[i].P.data();
         dS[i] = w[i].dS.data();
     }
@@ -417,7 +416,6 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
         const int64_t r = band.r[i];
         const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0);
         vf delta = splat(0.0f);  // rowsum(dO * O)
-        const auto dop = X.dout.plane(bh), outp = X.out.plane(bh);
         for (int64_t c = 0; c < g.Dv; ++c) delta += load(dop.at(c, r) + c0) * load(outp.at(c, r) + c0);
         for (int64_t j = 0; j < n; ++j) {  // p = exp(scale s - lse), dS = p (dp - delta); 0 on lanes another block owns
             const vf p = L.active ? vexp(load(P[i] + j * VL) * g.scale - lse) : splat(0.0f);

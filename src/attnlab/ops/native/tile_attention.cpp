@@ -349,8 +349,7 @@ inline void softmax_rows(int64_t K, const AT& A, int64_t i, const float* kt, int
             c[r][v] = c[r][v] * scale + load(cb + v * VL);
             if (mask) c[r][v] += load(mask + (i + r) * ldm + v * VL);
             if (first > 0 || last < NV * VL) {  // part of the block is outside this row's range
-                vf col = splat(float(v * VL));
-                for (int e = 0; e < VL; ++e) col[e] += e;
+                const vf col = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + float(v * VL);
                 c[r][v] = (col < float(first)) | (col >= float(last)) ? splat(-INFINITY) : c[r][v];
             }
             top = vmax(top, c[r][v]);
