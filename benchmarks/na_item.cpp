@@ -3,8 +3,9 @@
 //   - streaming: the whole map, as the bench runs it (128 x 128: 96 MB of q, k and v, more than the caches);
 //   - in cache: every image row aliased to one (row stride 0), so the same work reads a few hundred KB. The outputs
 //     are garbage; the time is what the kernel's loops cost when memory is not the limit;
-// each with and without the software prefetches (NA_PREFETCH_BYTES in attnlab/ops/native/__init__.py chooses them
-// by size). Not part of the test suite; the median of 7 trials of 5 calls.
+// each with the kernel's streaming mode off and on (the trickle of prefetches and the output stored past the caches;
+// NA_STREAM_BYTES in attnlab/ops/native/__init__.py chooses it by size). Not part of the test suite; the median of 7
+// trials of 5 calls.
 //
 //   g++ -O3 -march=native -fno-math-errno -std=c++17 -fopenmp benchmarks/na_item.cpp -o /tmp/na_item
 //   /tmp/na_item [threads] [map width] [kernel] [heads] [head dim] [map height, default the width] [row padding]
@@ -33,8 +34,8 @@ int main(int argc, char** argv) {
     std::printf("%lld x %lld, kernel %lld, %lld heads of %lld, %d thread(s):\n", (long long)h, (long long)n,
                 (long long)k, (long long)heads, (long long)d, threads);
     for (int64_t sr : {row, int64_t(0)}) {
-        for (int64_t prefetch : {0, 1}) {
-            int64_t sizes[11] = {heads, d, d, h, n, k, k, 1, 1, heads, prefetch};
+        for (int64_t stream : {0, 1}) {
+            int64_t sizes[11] = {heads, d, d, h, n, k, k, 1, 1, heads, stream};
             // strides (batch, head, channel, row) of q, k, v, out; lse is contiguous
             int64_t strides[20] = {0, d * ld, ld, sr, 0, d * ld, ld, sr, 0, d * ld, ld, sr,
                                    0, d * ld, ld, sr ? heads * d * ld : 0, 0, 0, 0, 0};
@@ -43,8 +44,8 @@ int main(int argc, char** argv) {
             const double t = median_seconds(7, 5, [&] {
                 attnlab_na_forward(sizes, strides, ptrs, 0.125f, rows.data(), cols.data(), threads);
             });
-            std::printf("  %-9s prefetch %s: %7.2f ms, %6.1f GFLOP/s on useful FLOPs\n",
-                        sr ? "streaming" : "in cache", prefetch ? "on " : "off", t * 1e3, flops / t / 1e9);
+            std::printf("  %-9s stream %s: %7.2f ms, %6.1f GFLOP/s on useful FLOPs\n",
+                        sr ? "streaming" : "in cache", stream ? "on " : "off", t * 1e3, flops / t / 1e9);
         }
     }
 }

@@ -20,6 +20,9 @@ CASES = {  # B, heads, D, Dv, H, W, kernel, dilation
     "5x7, values narrower than keys, two batches": (2, 3, 32, 20, 20, 45, (5, 7), (1, 1)),
     "dilation 2 x 2": (1, 2, 8, 8, 33, 50, (3, 5), (2, 2)),
     "dilation 3 on rows only": (1, 1, 8, 8, 31, 40, (3, 3), (3, 1)),
+    "7x7 on 80 columns: regular blocks by aligned loads": (1, 2, 16, 16, 24, 80, (7, 7), (1, 1)),
+    "3x5, regular blocks by aligned loads": (2, 2, 8, 12, 12, 64, (3, 5), (1, 1)),
+    "5x3 on 48 columns, one regular block": (1, 3, 8, 8, 10, 48, (5, 3), (1, 1)),
     "13x13 on 64x64, head dim 64": (1, 2, 64, 64, 64, 64, (13, 13), (1, 1)),
     "31x31: border windows need per-offset loads": (1, 1, 33, 17, 48, 70, (31, 31), (1, 1)),
     "1-D, kernel 7": (1, 2, 16, 16, 1, 100, (1, 7), (1, 1)),
@@ -52,7 +55,8 @@ def operands(B, heads, D, Dv, H, Wd, seed=0):
 @needs_kernel
 @pytest.mark.parametrize("case", list(CASES))
 def test_outputs_and_gradients_equal_the_reference(case):
-    """With and without the software prefetches (on by default only for operands over NA_PREFETCH_BYTES)."""
+    """With and without the streaming mode (prefetches, stores past the caches; on by default only for operands over
+    NA_STREAM_BYTES)."""
     B, heads, D, Dv, H, Wd, kernel, dilation = CASES[case]
     rs, cs = starts(H, Wd, kernel, dilation)
     q, k, v = operands(B, heads, D, Dv, H, Wd)
@@ -61,10 +65,10 @@ def test_outputs_and_gradients_equal_the_reference(case):
     ref = reference(qd, kd, vd, kernel, dilation)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
     ref.backward(g.double())
-    for prefetch in (False, True):
+    for stream in (False, True):
         for t in (q, k, v):
             t.grad = None
-        out = native.neighborhood_attention(q, k, v, rs, cs, kernel, dilation, prefetch=prefetch)
+        out = native.neighborhood_attention(q, k, v, rs, cs, kernel, dilation, stream=stream)
         torch.testing.assert_close(out.double(), ref, **TOL)
         out.backward(g)
         for got, want in ((q, qd), (k, kd), (v, vd)):
@@ -160,14 +164,14 @@ def test_module_uses_the_kernel_where_it_applies_and_equals_the_reference(grid, 
         torch.testing.assert_close(a.double(), b.double(), **TOL)
 
 
-def test_prefetching_is_chosen_by_the_operands_size():
-    """Software prefetches by default only when q, k and v together exceed NA_PREFETCH_BYTES (they then stream from
-    memory); below it they only cost load slots."""
+def test_streaming_is_chosen_by_the_operands_size():
+    """The streaming mode by default only when q, k and v together exceed NA_STREAM_BYTES (they then stream from
+    memory); below it its prefetches only cost load slots."""
     def flag(heads, d, hw):
         q = torch.empty(1, heads, d, *hw, device="meta")
         return int(native._na_sizes(q, q, (7, 7), (1, 1), None)[-1])
 
     assert flag(8, 64, (128, 128)) == 1  # 96 MB: the bench's map
     assert flag(4, 32, (64, 64)) == 0  # 6 MB
-    big = native.NA_PREFETCH_BYTES // (3 * 4 * 64 * 64) + 1  # heads of 64 channels on a 64-wide row, just over
+    big = native.NA_STREAM_BYTES // (3 * 4 * 64 * 64) + 1  # heads of 64 channels on a 64-wide row, just over
     assert flag(1, 64, (big, 64)) == 1 and flag(1, 64, (big - 1, 64)) == 0

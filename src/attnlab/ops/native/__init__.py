@@ -415,19 +415,20 @@ def key_ranges(keep: Tensor) -> Tensor:
 # ------------------------------------------------------------------- neighborhood attention (neighborhood.cpp)
 
 
-# q, k and v larger than this (bytes, all three) stream from memory between the kernel's passes over them, and the
-# kernel prefetches its key rows ahead in software: the hardware prefetchers do not follow a block's few lines per
-# channel row. Single-threaded on a 128 x 128 map with 8 heads of 64 (96 MB) the forward took 41 ms instead of 48; on
-# operands that stay in the caches the prefetches only cost load slots (64 x 64, 4 heads of 32, 6 MB: ~12% slower).
-NA_PREFETCH_BYTES = 32 << 20
+# q, k and v larger than this (bytes, all three) stream from memory: the forward then prefetches each next band's
+# rows into L2 a line at a time while the current band computes (when a band's keys and values leave room in L2,
+# i.e. small kernels) and writes its output past the caches. On a 128 x 128 map with 8 heads of 64 (96 MB), kernel 7,
+# that took the forward from ~23 ms to ~19 on 2 threads (docs/native.md); on operands that stay in the caches it
+# would only cost load slots and evict the output the next layer reads.
+NA_STREAM_BYTES = 32 << 20
 
 
 def _na_sizes(q: Tensor, v: Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
-              prefetch: bool | None) -> Tensor:
+              stream: bool | None) -> Tensor:
     B, heads, D, H, W = q.shape
-    if prefetch is None:
-        prefetch = (2 * D + v.shape[2]) * B * heads * H * W * q.element_size() > NA_PREFETCH_BYTES
-    return torch.tensor([B * heads, D, v.shape[2], H, W, *kernel, *dilation, heads, int(bool(prefetch))],
+    if stream is None:
+        stream = (2 * D + v.shape[2]) * B * heads * H * W * q.element_size() > NA_STREAM_BYTES
+    return torch.tensor([B * heads, D, v.shape[2], H, W, *kernel, *dilation, heads, int(bool(stream))],
                         dtype=torch.int64)
 
 
@@ -472,9 +473,9 @@ def _na_call(fn, sizes: Tensor, ops: tuple[Tensor, ...], scale: float, rs: Tenso
 
 class _Neighborhood(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rs, cs, kernel, dilation, scale, prefetch):
+    def forward(ctx, q, k, v, rs, cs, kernel, dilation, scale, stream):
         B, heads, _, H, W = q.shape
-        sizes = _na_sizes(q, v, kernel, dilation, prefetch)
+        sizes = _na_sizes(q, v, kernel, dilation, stream)
         o = _row_planes(B, heads, v.shape[2], H, W)
         lse = _POOL.empty(B, heads, H, W)
         _na_call(_LIB.attnlab_na_forward, sizes, (q, k, v, o, lse), scale, rs, cs)
@@ -494,14 +495,15 @@ class _Neighborhood(torch.autograd.Function):
 
 def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, row_starts: Tensor, col_starts: Tensor,
                            kernel: tuple[int, int], dilation: tuple[int, int] = (1, 1),
-                           scale: float | None = None, prefetch: bool | None = None) -> Tensor:
+                           scale: float | None = None, stream: bool | None = None) -> Tensor:
     """Neighborhood attention on channel-first operands, per query (no tiles): ``q, k (B, heads, D, H, W)``,
     ``v (B, heads, Dv, H, W)``; query ``(r, c)`` attends to the keys ``(row_starts[r] + dilation[0] * a,
     col_starts[c] + dilation[1] * b)`` for ``a < kernel[0]``, ``b < kernel[1]`` (int32 starts, e.g. from
     :func:`attnlab.ops.window.neighborhood_starts`; a 1-D sequence is ``H = 1`` with ``row_starts = [0]`` and
     ``kernel[0] = 1``). Returns ``(B, heads, Dv, H, W)``; differentiable in q, k, v. Call only when
-    :func:`neighborhood_supports` is True. ``prefetch``: prefetch key rows ahead in software (default: when q, k
-    and v together exceed ``NA_PREFETCH_BYTES``); it changes speed only, never results."""
+    :func:`neighborhood_supports` is True. ``stream``: treat the operands as larger than the caches (prefetch ahead in
+    software, store the output past the caches; default: when q, k and v together exceed ``NA_STREAM_BYTES``); it
+    changes speed only, never results."""
     if _lib() is None:
         raise RuntimeError(f"the neighborhood kernel is {status()}")
     _check_planes(q, k, v)
@@ -517,7 +519,7 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, row_starts: Tensor, 
                              f"{int(starts.max())}]")
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     q, k, v = (_unit_last(t) for t in (q, k, v))
-    return _Neighborhood.apply(q, k, v, rs, cs, tuple(kernel), tuple(dilation), scale, prefetch)
+    return _Neighborhood.apply(q, k, v, rs, cs, tuple(kernel), tuple(dilation), scale, stream)
 
 
 # ------------------------------------------------------------- strided products, channel attention (attnlab_gemm)

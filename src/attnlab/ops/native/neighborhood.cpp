@@ -9,7 +9,7 @@
 // neighbouring queries of a row, one per lane. Away from the borders, the key of offset (a, b) of those 16 queries
 // is 16 consecutive floats of one key row, so logits, softmax and the weighted sum of values are vertical vector
 // operations over the lanes: no masked logits, no transposes, no horizontal sums. In blocks whose windows touch a
-// border (lanes then share key columns) the keys are permuted into the lanes from two loads.
+// border (lanes then share key columns) the keys are permuted into the lanes from one or two loads.
 //
 // The backward recomputes p from the saved log-sum-exp (as the tile kernel does) and gets dq per block like the
 // forward's output. dk and dv are gathered per key instead of scattered per query: a "regular" query (window start
@@ -18,6 +18,8 @@
 // sum their kw contributions in registers and are written once. Border queries add theirs by permutes into the key
 // columns, in rounds of lanes whose columns differ. Each thread owns whole (batch, head) planes, so the += into
 // key rows never race.
+
+#include <unistd.h>
 
 #include "vec.h"
 
@@ -43,7 +45,7 @@ struct Geo {
     int64_t BH, D, Dv, H, W, kh, kw, dh, dw;
     const int32_t *rs, *cs;
     float scale;
-    bool prefetch;  // software prefetches of the key rows ahead (for operands that stream from memory)
+    bool stream;  // the operands are larger than the caches (see Trickle and stream_store)
     int64_t centre() const { return dw * (kw / 2); }  // a regular query's column - its window start
     int64_t reach() const { return dw * (kw - 1); }   // a window's last column - its first
 };
@@ -52,7 +54,10 @@ struct Geo {
 struct Lanes {
     int64_t c0;
     bool uniform;  // every lane regular: lane j's window starts at column base + j (no border in the block)
-    int64_t base;  // otherwise: the first of 32 key columns that hold every lane's window start
+    int64_t base;  // otherwise: the first of 32 key columns that hold every lane's window start (16 if single)
+    bool single;   // otherwise: the window starts lie in 16 columns (a border block whose clamped lanes share a
+                   // regular lane's window): each key is one load and a one-vector permute, not two and a two-vector
+                   // one (k = 7: 4% off the forward, k = 13: 8%)
     vi slot;       // otherwise: lane j's window start - base
     // Otherwise, when every lane's whole window lies in 32 columns (small kernels): lane j's key of column offset b
     // is column wbase + span[b][j], so one pair of loads per key row serves every offset.
@@ -62,7 +67,6 @@ struct Lanes {
                    // not divide W: those lanes are computed again but not counted twice in the backward)
     vi gathered;   // -1 where lane j is active and regular: its dk, dv contributions are gathered per key
     std::vector<std::pair<int, int64_t>> border;  // the other active lanes: (lane, index among the row's border queries)
-    int64_t first, width;  // the key columns this block reads: [first, first + width) of a row (for prefetching)
 };
 
 // The column blocks of a row, and its border queries (active, not regular), in column order; runs of them share a
@@ -102,6 +106,9 @@ bool column_blocks(const Geo& g, Columns& cols) {
             L.base = std::min<int64_t>(lo, g.W - 2 * VL - reach);  // two loads at base + offset stay in the row
             L.wbase = std::min<int64_t>(lo, g.W - 2 * VL);
             if (L.base < 0 || hi - L.base >= 2 * VL) return false;
+            const int64_t base1 = std::min<int64_t>(lo, g.W - VL - reach);  // one load at base1 + offset, the same
+            L.single = hi - base1 < VL;
+            if (L.single) L.base = base1;
             for (int j = 0; j < VL; ++j) {
                 L.slot[j] = cs[j] - (int32_t)L.base;
                 if (!L.active[j] || L.gathered[j]) continue;
@@ -113,8 +120,6 @@ bool column_blocks(const Geo& g, Columns& cols) {
             if (hi - L.wbase + reach < 2 * VL)
                 for (int64_t b = 0; b < g.kw; ++b) L.span.push_back(L.slot + (int32_t)(L.base - L.wbase + g.dw * b));
         }
-        L.first = L.span.empty() ? L.base : std::min(L.base, L.wbase);
-        L.width = std::min(g.W, L.base + reach + (L.uniform ? 1 : 2) * VL) - L.first;
         out.push_back(std::move(L));
     }
     cols.runs.push_back(cols.border.size());
@@ -125,6 +130,7 @@ bool column_blocks(const Geo& g, Columns& cols) {
 template <bool U>
 inline vf keys(const float* row, int64_t off, const Lanes& L) {
     if (U) return load(row + L.base + off);
+    if (L.single) return __builtin_shuffle(load(row + L.base + off), L.slot);
     return __builtin_shuffle(load(row + L.base + off), load(row + L.base + off + VL), L.slot);
 }
 
@@ -179,19 +185,125 @@ inline void row_range(int lo, int hi, F&& f) {
     }
 }
 
+// Memory the forward will read first in the next band (its new key rows of k and v, its query rows), prefetched into
+// L2 a line or a few at a time, one step per channel of `dots`, while the current band computes: a steady trickle
+// of misses in flight behind the arithmetic. Measured on 128 x 128 maps with 8 heads of 64, kernel 7 (docs/native.md,
+// "Limits"): issuing the same prefetches in bursts at each block, or prefetching each next key row into L1, did not
+// help; this did. Only while a band's keys and values leave room for the next band's in L2 (trickle_fits): with
+// larger kernels the extra lines evict ones still in use.
+struct Trickle {
+    struct Span {
+        const char *at, *end;
+    };
+    std::vector<Span> spans;  // adjacent spans merged
+    size_t next = 0;
+    int64_t per = 1;  // lines per step
+    void clear() { spans.clear(), next = 0; }
+    void add(const float* p, int64_t n) {
+        const char *a = reinterpret_cast<const char*>(p), *b = reinterpret_cast<const char*>(p + n);
+        if (!spans.empty() && spans.back().end == a) spans.back().end = b;
+        else spans.push_back({a, b});
+    }
+    int64_t lines() const {
+        int64_t n = 0;
+        for (const Span& s : spans) n += (s.end - s.at + 63) / 64;
+        return n;
+    }
+    void step() {
+        for (int64_t i = 0; i < per && next < spans.size(); ++i) {
+            __builtin_prefetch(spans[next].at, 0, 2);
+            spans[next].at += 64;
+            if (spans[next].at >= spans[next].end) ++next;
+        }
+    }
+};
+
+// Calls f(std::integral_constant<int, b>{}) for b in [B0, B1).
+template <int B0, int B1, class F>
+inline void offsets(F&& f) {
+    if constexpr (B0 < B1) {
+        f(std::integral_constant<int, B0>{});
+        offsets<B0 + 1, B1>(f);
+    }
+}
+
+// A regular block (every lane regular, dilation 1) that starts on a vector boundary of a row, with an odd kernel of
+// KW <= 7 columns: the lanes' keys of offset b are columns c0 - KW / 2 + b, one `shifted` of two of the aligned
+// vectors at c0 - 16, c0 and c0 + 16, so each channel of a key row is three aligned loads instead of KW unaligned
+// ones (each of which spans two cache lines; ~5% off k = 7's forward). 3 rows x 7 accumulators, the queries and the
+// three vectors fill the registers, so wider kernels keep the general loop.
+template <int KW, int B>
+inline vf key_of(vf l, vf m, vf r) {
+    constexpr int centre = KW / 2;
+    if constexpr (B < centre) return shifted<VL - centre + B>(l, m);
+    else if constexpr (B == centre) return m;
+    else return shifted<B - centre>(m, r);
+}
+
+// f(std::integral_constant<int, KW>{}) for the kernel widths dots_regular is compiled for; false for the others.
+template <class F>
+inline bool with_regular_kw(int64_t kw, F&& f) {
+    switch (kw) {
+        case 3: f(std::integral_constant<int, 3>{}); return true;
+        case 5: f(std::integral_constant<int, 5>{}); return true;
+        case 7: f(std::integral_constant<int, 7>{}); return true;
+        default: return false;
+    }
+}
+
+inline bool regular_aligned(const Geo& g, const Lanes& L) {
+    return g.dw == 1 && L.c0 % VL == 0 && L.c0 >= VL && L.c0 + 2 * VL <= g.W;
+}
+
+// dots (below) for such a block.
+template <int R, int KW>
+void dots_regular(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Planes<const float>& y,
+                  int64_t bh, const Band& band, const Lanes& L, float* const* S, Trickle* tr) {
+    const int64_t ys = y.sc;
+    const auto yp = y.plane(bh);
+    for (int64_t t = 0; t < band.nt; ++t) {
+        const float* yt = yp.at(0, band.krow[t]) + L.c0;
+        int lo, hi;
+        band.rows_using(g, R, t, lo, hi);
+        row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
+            constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
+            vf acc[R][KW];
+            for (int i = LO; i < HI; ++i)
+                for (int b = 0; b < KW; ++b) acc[i][b] = splat(0.0f);
+            for (int64_t c = 0; c < C; ++c) {
+                if (tr) tr->step();
+                vf xv[R];
+                for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
+                const float* yc = yt + c * ys;
+                const vf l = in_register(load(yc - VL)), m = in_register(load(yc)), r = in_register(load(yc + VL));
+                offsets<0, KW>([&](auto b_) {
+                    const vf key = in_register(key_of<KW, decltype(b_)::value>(l, m, r));
+                    for (int i = LO; i < HI; ++i) acc[i][b_] += xv[i] * key;
+                });
+            }
+            for (int i = LO; i < HI; ++i)
+                for (int b = 0; b < KW; ++b) store(S[i] + ((t - band.shift[i]) * KW + b) * VL, acc[i][b]);
+        });
+    }
+}
+
 // S_i[a][b] = sum over channels c of x_i,c (16 query lanes of row i) * the lanes' keys of offset (a, b) in y's
 // channel c: q k^T (and dO v^T in the backward). x_i: channel 0 at the block's queries; xs: the channel stride.
 // One pass over the channels per key row and chunk of up to 8 column offsets, for the rows that use the key row.
+// tr (the forward's, may be null) steps once per channel.
 template <int R, bool U>
 void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Planes<const float>& y, int64_t bh,
-          const Band& band, const Lanes& L, float* const* S) {
+          const Band& band, const Lanes& L, float* const* S, Trickle* tr) {
+    if constexpr (U) {
+        if (regular_aligned(g, L) && with_regular_kw(g.kw, [&](auto kw) {
+                dots_regular<R, decltype(kw)::value>(g, C, x, xs, y, bh, band, L, S, tr);
+            }))
+            return;
+    }
     const int64_t ys = y.sc;
     const auto yp = y.plane(bh);
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = yp.at(0, band.krow[t]);
-        // the next key row's columns, channel by channel, while this one computes (g.prefetch: operands that stream
-        // from memory, NA_PREFETCH_BYTES in __init__.py)
-        const float* next = g.prefetch && t + 1 < band.nt ? yp.at(0, band.krow[t + 1]) + L.first : nullptr;
         int lo, hi;
         band.rows_using(g, R, t, lo, hi);
         row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
@@ -205,7 +317,7 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
                     for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
                 const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
                 for (int64_t c = 0; c < C; ++c) {
-                    if (next && b0 == 0) prefetch_span(next + c * ys, L.width);
+                    if (tr && b0 == 0) tr->step();
                     vf xv[R];
                     for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
                     const float* yc = yt + c * ys;
@@ -239,9 +351,6 @@ void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const
             for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
         for (int64_t t = 0; t < band.nt; ++t) {
             const float* yt = yp.at(c0, band.krow[t]);
-            if (g.prefetch)  // the next chunk's channels of this key row
-                for (int64_t c = c0 + NC; c < std::min(C, c0 + 2 * NC); ++c)
-                    prefetch_span(yp.at(c, band.krow[t]) + L.first, L.width);
             int lo, hi;
             band.rows_using(g, R, t, lo, hi);
             row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
@@ -372,17 +481,20 @@ inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
 
 // Forward of one column block of the band's R query rows.
 template <int R, bool U>
-void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S) {
+void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S,
+                   Trickle* tr) {
     const int64_t c0 = L.c0, n = g.kh * g.kw;
     const float* x[R];
     const auto qp = X.q.plane(bh);
     const auto op = X.o.plane(bh);
     for (int i = 0; i < R; ++i) x[i] = qp.at(0, band.r[i]) + c0;
-    dots<R, U>(g, g.D, x, X.q.sc, X.k, bh, band, L, S);
+    dots<R, U>(g, g.D, x, X.q.sc, X.k, bh, band, L, S, tr);
     vf inv[R];
     for (int i = 0; i < R; ++i) inv[i] = softmax_lanes(S[i], n, g.scale, X.lse + (bh * g.H + band.r[i]) * g.W + c0);
     weighted<R, U>(g, g.Dv, S, X.v, bh, band, L, [&](int i, int64_t c, vf acc) {
-        store(op.at(c, band.r[i]) + c0, acc * inv[i]);
+        float* o = op.at(c, band.r[i]) + c0;
+        if (g.stream) stream_store(o, acc * inv[i]);  // written once, read by the next layer: not worth caching
+        else store(o, acc * inv[i]);
     });
 }
 
@@ -410,8 +522,8 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
         P[i] = w[i].P.data();
         dS[i] = w[i].dS.data();
     }
-    dots<R, U>(g, g.D, xq, X.q.sc, X.k, bh, band, L, P);
-    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v, bh, band, L, dS);  // dp = dO v^T
+    dots<R, U>(g, g.D, xq, X.q.sc, X.k, bh, band, L, P, nullptr);
+    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v, bh, band, L, dS, nullptr);  // dp = dO v^T
     for (int i = 0; i < R; ++i) {
         const int64_t r = band.r[i];
         const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0);
@@ -473,6 +585,35 @@ std::vector<std::pair<int64_t, int>> row_bands(const Geo& g) {
     return bands;
 }
 
+// Whether the trickle pays: a band's key and value rows (the most any band reads) take at most 3/4 of this core's L2,
+// leaving room for the next band's. (128 x 128 maps, 64 channels: kernel 7, 576 KB of a 1 MB L2, gained 20-25%;
+// kernel 13, 960 KB, and 31 lost 5-10%.)
+bool trickle_fits(const Geo& g, const std::vector<std::pair<int64_t, int>>& bands) {
+    int64_t nt = 0;
+    Band band;
+    for (const auto& [r0, R] : bands) make_band(g, R, r0, band), nt = std::max(nt, band.nt);
+    long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 <= 0) l2 = 1 << 20;
+    return nt * (g.D + g.Dv) * g.W * (int64_t)sizeof(float) * 4 <= 3 * (int64_t)l2;
+}
+
+// Sets tr to the next band's first-touch memory: its key rows of k and v that the current band (of plane bh) does
+// not read, and its query rows; spread over `steps` steps.
+void plan_trickle(const Geo& g, const Operands& X, int64_t bh, const Band& cur, int64_t next_bh, const Band& next,
+                  int R, int64_t steps, Trickle& tr) {
+    tr.clear();
+    const auto kp = X.k.plane(next_bh), vp = X.v.plane(next_bh), qp = X.q.plane(next_bh);
+    for (int64_t t = 0; t < next.nt; ++t) {
+        const int64_t row = next.krow[t];
+        if (next_bh == bh && std::find(cur.krow.begin(), cur.krow.end(), row) != cur.krow.end()) continue;
+        for (int64_t c = 0; c < g.D; ++c) tr.add(kp.at(c, row), g.W);
+        for (int64_t c = 0; c < g.Dv; ++c) tr.add(vp.at(c, row), g.W);
+    }
+    for (int i = 0; i < R; ++i)
+        for (int64_t c = 0; c < g.D; ++c) tr.add(qp.at(c, next.r[i]), g.W);
+    tr.per = std::max<int64_t>(1, (tr.lines() + steps - 1) / std::max<int64_t>(1, steps));
+}
+
 // Calls f(std::integral_constant<int, R>{}) for a band's run-time row count.
 template <class F>
 inline void with_rows(int R, F&& f) {
@@ -506,7 +647,8 @@ Operands inputs(void* const* ptrs, const int64_t* strides, const int64_t* sizes)
 extern "C" {
 
 // 1 when the kernel takes this geometry, else 0 (see column_blocks). sizes: [B * heads, D, Dv, H, W, kh, kw, dh,
-// dw, heads, prefetch] (prefetch: 1 to prefetch the key rows ahead in software, for operands larger than the caches).
+// dw, heads, stream] (stream: 1 for operands larger than the caches: the forward then prefetches each next band's
+// rows (Trickle) and stores its output past the caches).
 int attnlab_na_supported(const int64_t* sizes, const int32_t* cs) {
     Columns cols;
     return column_blocks(geometry(sizes, nullptr, cs, 1.0f), cols) ? 1 : 0;
@@ -529,24 +671,33 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
     const int64_t nb = (int64_t)blocks.size(), nbands = (int64_t)bands.size();
     const int64_t items = std::max<int64_t>(1, g.BH * nbands);
     const int64_t parts = std::min<int64_t>(nb, std::max<int64_t>(1, 4 * threads / items));
+    const bool trickle = g.stream && parts == 1 && trickle_fits(g, bands);
     parallel(g.BH * nbands * parts, threads, [&](int64_t begin, int64_t end) {
         std::vector<float> buf(MAXR * g.kh * g.kw * VL, 0.0f);
         float* S[MAXR];
         for (int i = 0; i < MAXR; ++i) S[i] = buf.data() + i * g.kh * g.kw * VL;
-        Band band;
+        Band band, next;
+        Trickle tr;
         for (int64_t it = begin; it < end; ++it) {
             const int64_t part = it % parts, k = it / parts % nbands, bh = it / parts / nbands;
             const int R = bands[k].second;
             make_band(g, R, bands[k].first, band);
+            const bool ahead = trickle && it + 1 < end;  // (parts == 1: the next item is the next band)
+            if (ahead) {
+                const int64_t k2 = (it + 1) % nbands;
+                make_band(g, bands[k2].second, bands[k2].first, next);
+                plan_trickle(g, X, bh, band, (it + 1) / nbands, next, bands[k2].second, nb * band.nt * g.D, tr);
+            }
             for (int64_t i = nb * part / parts; i < nb * (part + 1) / parts; ++i) {
                 const Lanes& L = blocks[i];
                 with_rows(R, [&](auto rows) {
                     constexpr int NR = decltype(rows)::value;
-                    if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S);
-                    else block_forward<NR, false>(g, X, bh, band, L, S);
+                    if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
+                    else block_forward<NR, false>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
                 });
             }
         }
+        if (g.stream) store_fence();  // the output's non-temporal stores, before the caller reads it
     });
     return 0;
 }

@@ -119,6 +119,33 @@ inline vf in_register(vf x) {
     return x;
 }
 
+// Lanes S..15 of lo, then lanes 0..S-1 of hi: 16 consecutive floats of the 32 that lo and hi hold (one `valignd`
+// with AVX-512: the shift must be an immediate, a shift index in a register measured no faster than unaligned loads).
+template <int S>
+inline vf shifted(vf lo, vf hi) {
+    static_assert(S > 0 && S < VL, "shifted: 0 < S < 16");
+#ifdef __AVX512F__  // the masked form: GCC 12 warns about the unmasked intrinsic's undefined source operand
+    return _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(0xffff, _mm512_castps_si512(hi), _mm512_castps_si512(lo), S));
+#else
+    return __builtin_shuffle(lo, hi, vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + S);
+#endif
+}
+
+// A store past the caches (non-temporal) where p is on a cache line and the target has one, else a plain store: for
+// results that are not read again soon, it saves reading the line in before writing it. Callers end with
+// store_fence() before other threads may read the results.
+inline void stream_store(float* p, vf v) {
+#ifdef __AVX512F__
+    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
+#endif
+    store(p, v);
+}
+inline void store_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_sfence();
+#endif
+}
+
 // Subnormal floats flushed to zero (inputs and results) while alive, in this thread: an FMA on a subnormal takes a
 // microcode assist of ~100 cycles, and a softmax computed elsewhere (channel attention's, by PyTorch) is full of
 // them (exp(-100) = 4e-44). Nothing an attention output shows is below 1.2e-38.
