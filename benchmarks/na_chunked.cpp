@@ -23,31 +23,13 @@ namespace {
 
 constexpr int KW = 7, CENTRE = KW / 2;
 
-// Lanes S..15 of lo, then lanes 0..S-1 of hi: 16 consecutive columns that start S into chunk lo.
-template <int S>
-inline vf shifted(vf lo, vf hi) {  // valignd (the masked form: GCC 12 warns about the unmasked one's undefined source)
-    return _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(0xffff, _mm512_castps_si512(hi), _mm512_castps_si512(lo), S));
-}
-
-// The 16 keys of column offset B for a block, from its left neighbour's chunk l, its own m and its right one r.
-template <int B>
-inline vf key_of(vf l, vf m, vf r) {
-    if constexpr (B < CENTRE) return shifted<VL - CENTRE + B>(l, m);
-    else if constexpr (B == CENTRE) return m;
-    else return shifted<B - CENTRE>(m, r);
-}
-
-// The same from the three chunks' addresses, loading only the one or two it needs.
+// The keys of column offset B for a block from the three chunks' addresses, loading only the one or two it needs
+// (key_of and shifted, the kernel's own, build them from loaded vectors).
 template <int B>
 inline vf key_at(const float* l, const float* m, const float* r) {
     if constexpr (B < CENTRE) return shifted<VL - CENTRE + B>(load(l), load(m));
     else if constexpr (B == CENTRE) return load(m);
     else return shifted<B - CENTRE>(load(m), load(r));
-}
-
-template <class F, int... Bs>
-inline void each_offset(F&& f, std::integer_sequence<int, Bs...>) {
-    (f(std::integral_constant<int, Bs>{}), ...);
 }
 
 // One operand in chunks: channel c of columns [16 j, 16 j + 16) of (image row r, head h).
@@ -90,11 +72,11 @@ void chunked_block(const Geo& g, const Ops& X, int64_t h, const Band& band, int6
                 vf xv[R];
                 for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * VL);
                 const vf l = load(kl + c * VL), m = in_register(load(km + c * VL)), r = load(kr_ + c * VL);
-                each_offset([&](auto b_) {
+                offsets<0, KW>([&](auto b_) {
                     constexpr int b = decltype(b_)::value;
-                    const vf key = in_register(key_of<b>(l, m, r));
+                    const vf key = in_register(key_of<KW, b>(l, m, r));
                     for (int i = LO; i < HI; ++i) acc[i][b] += xv[i] * key;
-                }, std::make_integer_sequence<int, KW>{});
+                });
             }
             for (int i = LO; i < HI; ++i)
                 for (int b = 0; b < KW; ++b) store(S[i] + ((t - band.shift[i]) * KW + b) * VL, acc[i][b]);
@@ -119,7 +101,7 @@ void chunked_block(const Geo& g, const Ops& X, int64_t h, const Band& band, int6
                 constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
                 const float* pt[R];
                 for (int i = LO; i < HI; ++i) pt[i] = S[i] + (t - band.shift[i]) * KW * VL;
-                each_offset([&](auto b_) {
+                offsets<0, KW>([&](auto b_) {
                     constexpr int b = decltype(b_)::value;
                     vf p[R];
                     for (int i = LO; i < HI; ++i) p[i] = load(pt[i] + b * VL);
@@ -127,7 +109,7 @@ void chunked_block(const Geo& g, const Ops& X, int64_t h, const Band& band, int6
                         const vf key = in_register(key_at<b>(vl + c * VL, vm + c * VL, vr + c * VL));
                         for (int i = LO; i < HI; ++i) acc[i][c] += p[i] * key;
                     }
-                }, std::make_integer_sequence<int, KW>{});
+                });
             });
         }
         for (int i = 0; i < R; ++i)
