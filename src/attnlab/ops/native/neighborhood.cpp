@@ -187,17 +187,18 @@ inline void row_range(int lo, int hi, F&& f) {
 
 // Memory the forward will read first in the next band (its new key rows of k and v, its query rows), prefetched into
 // L2 a line or a few at a time, one step per channel of `dots`, while the current band computes: a steady trickle
-// of misses in flight behind the arithmetic. Measured on 128 x 128 maps with 8 heads of 64, kernel 7 (docs/native.md,
-// "Limits"): issuing the same prefetches in bursts at each block, or prefetching each next key row into L1, did not
-// help; this did. Only while a band's keys and values leave room for the next band's in L2 (trickle_fits): with
-// larger kernels the extra lines evict ones still in use.
+// of misses in flight behind the arithmetic. `dots` takes a key row's worth of lines at a time (`take`), so that a
+// channel's step is a compare and a prefetch. Measured on 128 x 128 maps with 8 heads of 64, kernel 7
+// (docs/native.md, "Limits"): issuing the same prefetches in bursts at each block, or prefetching each next key row
+// into L1, did not help; this did. Only while a band's keys and values leave room for the next band's in L2
+// (trickle_fits): with larger kernels the extra lines evict ones still in use.
 struct Trickle {
     struct Span {
         const char *at, *end;
     };
     std::vector<Span> spans;  // adjacent spans merged
     size_t next = 0;
-    int64_t per = 1;  // lines per step
+    int64_t per = 1;  // lines per channel step
     void clear() { spans.clear(), next = 0; }
     void add(const float* p, int64_t n) {
         const char *a = reinterpret_cast<const char*>(p), *b = reinterpret_cast<const char*>(p + n);
@@ -209,14 +210,22 @@ struct Trickle {
         for (const Span& s : spans) n += (s.end - s.at + 63) / 64;
         return n;
     }
-    void step() {
-        for (int64_t i = 0; i < per && next < spans.size(); ++i) {
-            __builtin_prefetch(spans[next].at, 0, 2);
-            spans[next].at += 64;
-            if (spans[next].at >= spans[next].end) ++next;
-        }
+    // The lines for `steps` channel steps: (first, count) of the current span (fewer at its end, none when done).
+    std::pair<const char*, int64_t> take(int64_t steps) {
+        if (next >= spans.size()) return {nullptr, 0};
+        Span& s = spans[next];
+        const int64_t left = (s.end - s.at + 63) / 64, n = std::min(steps * per, left);
+        const char* first = s.at;
+        s.at += 64 * n;
+        if (n == left) ++next;
+        return {first, n};
     }
 };
+
+// Channel step c of `steps` (C) over the lines (first, n) taken from a Trickle: lines c, c + C, ...
+inline void trickle_step(const std::pair<const char*, int64_t>& lines, int64_t c, int64_t steps) {
+    for (int64_t j = c; j < lines.second; j += steps) __builtin_prefetch(lines.first + 64 * j, 0, 2);
+}
 
 // Calls f(std::integral_constant<int, b>{}) for b in [B0, B1).
 template <int B0, int B1, class F>
@@ -270,8 +279,9 @@ void dots_regular(const Geo& g, int64_t C, const float* const* x, int64_t xs, co
             vf acc[R][KW];
             for (int i = LO; i < HI; ++i)
                 for (int b = 0; b < KW; ++b) acc[i][b] = splat(0.0f);
+            const auto lines = tr ? tr->take(C) : std::pair<const char*, int64_t>{nullptr, 0};
             for (int64_t c = 0; c < C; ++c) {
-                if (tr) tr->step();
+                trickle_step(lines, c, C);
                 vf xv[R];
                 for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
                 const float* yc = yt + c * ys;
@@ -316,8 +326,9 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
                 for (int i = LO; i < HI; ++i)
                     for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
                 const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
+                const auto lines = tr && b0 == 0 ? tr->take(C) : std::pair<const char*, int64_t>{nullptr, 0};
                 for (int64_t c = 0; c < C; ++c) {
-                    if (tr && b0 == 0) tr->step();
+                    trickle_step(lines, c, C);
                     vf xv[R];
                     for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
                     const float* yc = yt + c * ys;
