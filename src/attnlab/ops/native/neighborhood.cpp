@@ -597,8 +597,8 @@ std::vector<std::pair<int64_t, int>> row_bands(const Geo& g) {
 }
 
 // Whether the trickle pays: a band's key and value rows (the most any band reads) take at most 3/4 of this core's L2,
-// leaving room for the next band's. (128 x 128 maps, 64 channels: kernel 7, 576 KB of a 1 MB L2, gained 20-25%;
-// kernel 13, 960 KB, and 31 lost 5-10%.)
+// leaving room for the next band's. (128 x 128 maps, 64 channels: at kernel 7, 576 KB of a 1 MB L2, the trickle
+// gained 5-15%; at kernel 13, 960 KB, and 31 it lost 5-10%.)
 bool trickle_fits(const Geo& g, const std::vector<std::pair<int64_t, int>>& bands) {
     int64_t nt = 0;
     Band band;
