@@ -708,7 +708,7 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
                 });
             }
         }
-        if (g.stream) store_fence();  // the output's non-temporal stores, before the caller reads it
+        if (g.stream) stream_fence();  // the output's non-temporal stores, before the caller reads it
     });
     return 0;
 }

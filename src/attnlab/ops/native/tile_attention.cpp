@@ -244,7 +244,8 @@ inline void scaled_add(float* dst, const float* src, float s, int64_t n) {  // d
 constexpr int64_t STREAM_BYTES = 8 << 20;
 
 // dst = s * src by non-temporal stores (whole lines straight to memory, no read for ownership) where dst is a run of
-// whole aligned vectors and the machine has them; stream_fence() orders them before the kernel returns.
+// whole aligned vectors and the machine has them (stream_store, vec.h); stream_fence() orders them before the
+// kernel returns.
 inline bool stream_ok(const float* dst, int64_t n) {
 #ifdef __AVX512F__
     return n % VL == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
@@ -254,16 +255,7 @@ inline bool stream_ok(const float* dst, int64_t n) {
 #endif
 }
 inline void stream_scaled(float* dst, const float* src, float s, int64_t n) {
-#ifdef __AVX512F__
-    for (int64_t c = 0; c < n; c += VL) _mm512_stream_ps(dst + c, (__m512)(load(src + c) * s));
-#else
-    scaled_to(dst, src, s, n);
-#endif
-}
-inline void stream_fence() {
-#ifdef __AVX512F__
-    _mm_sfence();
-#endif
+    for (int64_t c = 0; c < n; c += VL) stream_store(dst + c, load(src + c) * s);
 }
 
 inline void prefetch(const float* const* rows, int64_t n, int64_t cols) {

@@ -132,15 +132,15 @@ inline vf shifted(vf lo, vf hi) {
 }
 
 // A store past the caches (non-temporal) where p is on a cache line and the target has one, else a plain store: for
-// results that are not read again soon, it saves reading the line in before writing it. Callers end with
-// store_fence() before other threads may read the results.
+// results that are not read again soon, it saves reading the line in before writing it (both kernels' large
+// outputs). Callers end with stream_fence() before other threads may read the results.
 inline void stream_store(float* p, vf v) {
 #ifdef __AVX512F__
     if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
 #endif
     store(p, v);
 }
-inline void store_fence() {
+inline void stream_fence() {
 #if defined(__x86_64__) || defined(__i386__)
     _mm_sfence();
 #endif
