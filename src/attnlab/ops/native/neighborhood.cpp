@@ -187,8 +187,8 @@ inline void row_range(int lo, int hi, F&& f) {
 
 // Memory the forward will read first in the next band (its new key rows of k and v, its query rows), prefetched into
 // L2 a line or a few at a time, one step per channel of `dots`, while the current band computes: a steady trickle
-// of misses in flight behind the arithmetic. `dots` takes a key row's worth of lines at a time (`take`), so that a
-// channel's step is a compare and a prefetch. Measured on 128 x 128 maps with 8 heads of 64, kernel 7
+// of misses in flight behind the arithmetic. `dots` takes a key row's worth of line addresses at a time (`take`), so
+// that a channel's step is a compare and a prefetch. Measured on 128 x 128 maps with 8 heads of 64, kernel 7
 // (docs/native.md, "Limits"): issuing the same prefetches in bursts at each block, or prefetching each next key row
 // into L1, did not help; this did. Only while a band's keys and values leave room for the next band's in L2
 // (trickle_fits): with larger kernels the extra lines evict ones still in use.
@@ -197,6 +197,7 @@ struct Trickle {
         const char *at, *end;
     };
     std::vector<Span> spans;  // adjacent spans merged
+    std::vector<const char*> batch;  // the lines of the last `take`
     size_t next = 0;
     int64_t per = 1;  // lines per channel step
     void clear() { spans.clear(), next = 0; }
@@ -210,21 +211,27 @@ struct Trickle {
         for (const Span& s : spans) n += (s.end - s.at + 63) / 64;
         return n;
     }
-    // The lines for `steps` channel steps: (first, count) of the current span (fewer at its end, none when done).
-    std::pair<const char*, int64_t> take(int64_t steps) {
-        if (next >= spans.size()) return {nullptr, 0};
-        Span& s = spans[next];
-        const int64_t left = (s.end - s.at + 63) / 64, n = std::min(steps * per, left);
-        const char* first = s.at;
-        s.at += 64 * n;
-        if (n == left) ++next;
-        return {first, n};
+    // The lines for `steps` channel steps, across spans (fewer at the end, none when done). Spans need not be
+    // adjacent: on planar operands ((B, heads, d, H, W) contiguous) each channel's row is its own span, and taking
+    // from one span at a time prefetched an eighth of the next band.
+    std::pair<const char* const*, int64_t> take(int64_t steps) {
+        batch.clear();
+        for (int64_t want = steps * per; want > 0 && next < spans.size();) {
+            Span& s = spans[next];
+            const int64_t left = (s.end - s.at + 63) / 64, n = std::min(want, left);
+            for (int64_t j = 0; j < n; ++j) batch.push_back(s.at + 64 * j);
+            s.at += 64 * n;
+            want -= n;
+            if (n == left) ++next;
+        }
+        return {batch.data(), (int64_t)batch.size()};
     }
 };
+using TrickleLines = std::pair<const char* const*, int64_t>;
 
-// Channel step c of `steps` (C) over the lines (first, n) taken from a Trickle: lines c, c + C, ...
-inline void trickle_step(const std::pair<const char*, int64_t>& lines, int64_t c, int64_t steps) {
-    for (int64_t j = c; j < lines.second; j += steps) __builtin_prefetch(lines.first + 64 * j, 0, 2);
+// Channel step c of `steps` (C) over the lines taken from a Trickle: lines c, c + C, ...
+inline void trickle_step(const TrickleLines& lines, int64_t c, int64_t steps) {
+    for (int64_t j = c; j < lines.second; j += steps) __builtin_prefetch(lines.first[j], 0, 2);
 }
 
 // Calls f(std::integral_constant<int, b>{}) for b in [B0, B1).
@@ -279,7 +286,7 @@ void dots_regular(const Geo& g, int64_t C, const float* const* x, int64_t xs, co
             vf acc[R][KW];
             for (int i = LO; i < HI; ++i)
                 for (int b = 0; b < KW; ++b) acc[i][b] = splat(0.0f);
-            const auto lines = tr ? tr->take(C) : std::pair<const char*, int64_t>{nullptr, 0};
+            const TrickleLines lines = tr ? tr->take(C) : TrickleLines{nullptr, 0};
             for (int64_t c = 0; c < C; ++c) {
                 trickle_step(lines, c, C);
                 vf xv[R];
@@ -326,7 +333,7 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
                 for (int i = LO; i < HI; ++i)
                     for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
                 const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
-                const auto lines = tr && b0 == 0 ? tr->take(C) : std::pair<const char*, int64_t>{nullptr, 0};
+                const TrickleLines lines = tr && b0 == 0 ? tr->take(C) : TrickleLines{nullptr, 0};
                 for (int64_t c = 0; c < C; ++c) {
                     trickle_step(lines, c, C);
                     vf xv[R];
