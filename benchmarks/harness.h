@@ -1,4 +1,4 @@
-// What the C++ harnesses in benchmarks/ (tile_item.cpp, na_item.cpp) share: the timer, buffers on
+// What the C++ harnesses in benchmarks/ (tile_item.cpp, na_item.cpp, na_ab.cpp) share: the timer, buffers on
 // cache lines, and neighbourhood window starts.
 #pragma once
 
