@@ -256,7 +256,7 @@ inline vf key_of(vf l, vf m, vf r) {
     else return shifted<B - centre>(m, r);
 }
 
-// f(std::integral_constant<int, KW>{}) for the kernel widths dots_regular is compiled for; false for the others.
+// f(std::integral_constant<int, KW>{}) for the kernel widths key_of serves in `dots`; false for the others.
 template <class F>
 inline bool with_regular_kw(int64_t kw, F&& f) {
     switch (kw) {
@@ -271,54 +271,40 @@ inline bool regular_aligned(const Geo& g, const Lanes& L) {
     return g.dw == 1 && L.c0 % VL == 0 && L.c0 >= VL && L.c0 + 2 * VL <= g.W;
 }
 
-// dots (below) for such a block.
-template <int R, int KW>
-void dots_regular(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Planes<const float>& y,
-                  int64_t bh, const Band& band, const Lanes& L, float* const* S, Trickle* tr) {
-    const int64_t ys = y.sc;
-    const auto yp = y.plane(bh);
-    for (int64_t t = 0; t < band.nt; ++t) {
-        const float* yt = yp.at(0, band.krow[t]) + L.c0;
-        int lo, hi;
-        band.rows_using(g, R, t, lo, hi);
-        row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
-            constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
-            vf acc[R][KW];
-            for (int i = LO; i < HI; ++i)
-                for (int b = 0; b < KW; ++b) acc[i][b] = splat(0.0f);
-            const TrickleLines lines = tr ? tr->take(C) : TrickleLines{nullptr, 0};
-            for (int64_t c = 0; c < C; ++c) {
-                trickle_step(lines, c, C);
-                vf xv[R];
-                for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
-                const float* yc = yt + c * ys;
-                const vf l = in_register(load(yc - VL)), m = in_register(load(yc)), r = in_register(load(yc + VL));
-                offsets<0, KW>([&](auto b_) {
-                    const vf key = in_register(key_of<KW, decltype(b_)::value>(l, m, r));
-                    for (int i = LO; i < HI; ++i) acc[i][b_] += xv[i] * key;
-                });
-            }
-            for (int i = LO; i < HI; ++i)
-                for (int b = 0; b < KW; ++b) store(S[i] + ((t - band.shift[i]) * KW + b) * VL, acc[i][b]);
+// One pass of `dots` over the channels for band rows [LO, HI) and one key row: acc[i][b] = the sum over channels c
+// of x_i,c * key b of channel c, stored at dst[i] + b VL, for b < NB. keys(yc, f) calls f(b, key) for each b, from
+// channel c's key row at yc. tr (may be null) takes a key row's worth of lines and steps once per channel.
+template <int R, int NB, int LO, int HI, class K>
+inline void dot_pass(int64_t C, const float* const* x, int64_t xs, const float* yt, int64_t ys, float* const* dst,
+                     Trickle* tr, K&& keys) {
+    vf acc[R][NB];
+    for (int i = LO; i < HI; ++i)
+        for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
+    const TrickleLines lines = tr ? tr->take(C) : TrickleLines{nullptr, 0};
+    for (int64_t c = 0; c < C; ++c) {
+        trickle_step(lines, c, C);
+        vf xv[R];
+        for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
+        keys(yt + c * ys, [&](auto b, vf key) {
+            for (int i = LO; i < HI; ++i) acc[i][b] += xv[i] * key;
         });
     }
+    for (int i = LO; i < HI; ++i)
+        for (int b = 0; b < NB; ++b) store(dst[i] + b * VL, acc[i][b]);
 }
 
 // S_i[a][b] = sum over channels c of x_i,c (16 query lanes of row i) * the lanes' keys of offset (a, b) in y's
 // channel c: q k^T (and dO v^T in the backward). x_i: channel 0 at the block's queries; xs: the channel stride.
-// One pass over the channels per key row and chunk of up to 8 column offsets, for the rows that use the key row.
+// One pass over the channels per key row and chunk of up to 8 column offsets, for the rows that use the key row;
+// a regular aligned block of a kernel up to 7 wide (regular_aligned, with_regular_kw) does all its offsets in one
+// pass, its keys by key_of.
 // tr (the forward's, may be null) steps once per channel.
 template <int R, bool U>
 void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Planes<const float>& y, int64_t bh,
           const Band& band, const Lanes& L, float* const* S, Trickle* tr) {
-    if constexpr (U) {
-        if (regular_aligned(g, L) && with_regular_kw(g.kw, [&](auto kw) {
-                dots_regular<R, decltype(kw)::value>(g, C, x, xs, y, bh, band, L, S, tr);
-            }))
-            return;
-    }
     const int64_t ys = y.sc;
     const auto yp = y.plane(bh);
+    const bool aligned = U && regular_aligned(g, L);
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = yp.at(0, band.krow[t]);
         int lo, hi;
@@ -327,28 +313,27 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
             constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
             float* dst[R];
             for (int i = LO; i < HI; ++i) dst[i] = S[i] + (t - band.shift[i]) * g.kw * VL;
+            if (aligned && with_regular_kw(g.kw, [&](auto kw) {  // three aligned loads and `valignd`s per channel
+                    constexpr int KW = decltype(kw)::value;
+                    dot_pass<R, KW, LO, HI>(C, x, xs, yt + L.c0, ys, dst, tr, [](const float* yc, auto&& f) {
+                        const vf l = in_register(load(yc - VL)), m = in_register(load(yc)),
+                                 r = in_register(load(yc + VL));
+                        offsets<0, KW>([&](auto b) { f(b, in_register(key_of<KW, decltype(b)::value>(l, m, r))); });
+                    });
+                }))
+                return;
             chunks(g.kw, [&](auto nb, int64_t b0) {
                 constexpr int NB = decltype(nb)::value;
-                vf acc[R][NB];
-                for (int i = LO; i < HI; ++i)
-                    for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
+                float* at[R];
+                for (int i = LO; i < HI; ++i) at[i] = dst[i] + b0 * VL;
                 const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
-                const TrickleLines lines = tr && b0 == 0 ? tr->take(C) : TrickleLines{nullptr, 0};
-                for (int64_t c = 0; c < C; ++c) {
-                    trickle_step(lines, c, C);
-                    vf xv[R];
-                    for (int i = LO; i < HI; ++i) xv[i] = load(x[i] + c * xs);
-                    const float* yc = yt + c * ys;
+                dot_pass<R, NB, LO, HI>(C, x, xs, yt, ys, at, b0 == 0 ? tr : nullptr, [&](const float* yc, auto&& f) {
                     vf w0, w1;
                     if (window) w0 = load(yc + L.wbase), w1 = load(yc + L.wbase + VL);
-                    for (int b = 0; b < NB; ++b) {
-                        const vf key = window ? __builtin_shuffle(w0, w1, L.span[b0 + b])
-                                              : in_register(keys<U>(yc, (b0 + b) * g.dw, L));
-                        for (int i = LO; i < HI; ++i) acc[i][b] += xv[i] * key;
-                    }
-                }
-                for (int i = LO; i < HI; ++i)
-                    for (int b = 0; b < NB; ++b) store(dst[i] + (b0 + b) * VL, acc[i][b]);
+                    for (int b = 0; b < NB; ++b)
+                        f(b, window ? __builtin_shuffle(w0, w1, L.span[b0 + b])
+                                    : in_register(keys<U>(yc, (b0 + b) * g.dw, L)));
+                });
             });
         });
     }
