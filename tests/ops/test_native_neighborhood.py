@@ -114,10 +114,15 @@ def test_window_starts_are_the_plan_semantics():
 @needs_kernel
 def test_what_the_kernel_does_not_take():
     x = torch.randn(1)
-    _, cs = starts(1, 15, (1, 7), (1, 1))
-    assert not native.neighborhood_supports(x, (1, 15), cs, (1, 7), (1, 1))  # under 16 columns
-    _, cs = starts(1, 40, (1, 31), (1, 1))
-    assert not native.neighborhood_supports(x, (1, 40), cs, (1, 31), (1, 1))  # border windows beyond two loads
+    vl = native.vector_width()
+    assert vl in (4, 8, 16)
+    _, cs = starts(1, vl - 1, (1, 3), (1, 1))
+    assert not native.neighborhood_supports(x, (1, vl - 1), cs, (1, 3), (1, 1))  # under one vector of columns
+    # border windows beyond two loads: 2 vl + 30 columns needed
+    _, cs = starts(1, 2 * vl + 29, (1, 31), (1, 1))
+    assert not native.neighborhood_supports(x, (1, 2 * vl + 29), cs, (1, 31), (1, 1))
+    _, cs = starts(1, 2 * vl + 30, (1, 31), (1, 1))
+    assert native.neighborhood_supports(x, (1, 2 * vl + 30), cs, (1, 31), (1, 1))
     _, cs = starts(1, 64, (1, 7), (1, 1))
     assert not native.neighborhood_supports(x.double(), (1, 64), cs, (1, 7), (1, 1))
     with native.disabled():
@@ -140,7 +145,7 @@ def test_bad_input_is_refused_with_what_was_expected():
 
 
 @needs_kernel
-@pytest.mark.parametrize("grid,kernel,dilation", [((40, 44), 7, 1), ((1, 300), 7, 2), ((20, 20), 5, 1)])
+@pytest.mark.parametrize("grid,kernel,dilation", [((40, 44), 7, 1), ((1, 300), 7, 2), ((20, 7), 5, 1)])
 def test_module_uses_the_kernel_where_it_applies_and_equals_the_reference(grid, kernel, dilation):
     """Outputs and gradients (input and both projections) of the module against its float64 reference, in training
     and in inference, on maps the per-query kernel takes and one it does not (the tile path)."""
@@ -152,7 +157,7 @@ def test_module_uses_the_kernel_where_it_applies_and_equals_the_reference(grid, 
     axes = grid if hw else (grid[1],)
     x = torch.randn(2, grid[0] * grid[1], 32, requires_grad=True)
     applies = m._per_query(x, axes, *m._axes(axes)[:2]) is not None
-    assert applies == (grid != (20, 20))  # 20 columns: border windows do not fit two loads, the tiles run
+    assert applies == (grid != (20, 7))  # 7 columns: under one vector (of 8 or 16) or two loads (of 4); the tiles run
     y, y_ref = m(x, hw=hw), ref(x.double(), hw=hw)
     torch.testing.assert_close(y.double(), y_ref, **TOL)
     with torch.no_grad():

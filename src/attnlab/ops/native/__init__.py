@@ -99,6 +99,7 @@ def _build() -> ctypes.CDLL:
     lib.attnlab_na_supported.restype = i
     lib.attnlab_gemm.argtypes = [p, p, p, i, i]
     lib.attnlab_gemm.restype = i
+    lib.attnlab_vector_width.restype = i
     return lib
 
 
@@ -138,6 +139,13 @@ def status() -> str:
     """``"ok"``, or why the fused kernel is not used."""
     _lib()
     return _STATUS or "unknown"
+
+
+def vector_width() -> int:
+    """Floats per vector of the built kernels (16 with AVX-512, 8 with AVX2, 4 otherwise; 0 when not built): the
+    neighborhood kernel takes maps of at least this many columns, and border windows within two vectors."""
+    lib = _lib()
+    return lib.attnlab_vector_width() if lib is not None else 0
 
 
 _OFF = threading.local()
@@ -444,8 +452,9 @@ def _check_planes(q: Tensor, k: Tensor, v: Tensor) -> None:
 def neighborhood_supports(like: Tensor, hw: tuple[int, int], col_starts: Tensor, kernel: tuple[int, int],
                           dilation: tuple[int, int]) -> bool:
     """Whether :func:`neighborhood_attention` takes an ``hw = (H, W)`` map of ``like``'s dtype and device: float32
-    on the CPU, border windows that fit the kernel's two-load permutes (``W >= 32 + dilation * (kernel - 1)``
-    columns where windows touch a border; at least 16 in any case), and the kernel built."""
+    on the CPU, border windows that fit the kernel's two-load permutes (``W >= 2 VL + dilation * (kernel - 1)``
+    columns where windows touch a border, ``VL`` = :func:`vector_width`; at least ``VL`` in any case), and the
+    kernel built."""
     if getattr(_OFF, "on", False) or like.device.type != "cpu" or like.dtype != torch.float32 or _lib() is None:
         return False
     sizes = torch.tensor([1, 1, 1, hw[0], hw[1], *kernel, *dilation, 1, 0], dtype=torch.int64)

@@ -134,20 +134,27 @@ inline vf keys(const float* row, int64_t off, const Lanes& L) {
     return __builtin_shuffle(load(row + L.base + off), load(row + L.base + off + VL), L.slot);
 }
 
-// Calls f(std::integral_constant<int, n>, first) over [0, total) in chunks of at most 8 (8 accumulators and their
-// operands fit the registers).
+// Calls f(std::integral_constant<int, n>, first) over [0, total) in chunks of at most CHUNK: MAXR rows x CHUNK
+// accumulators and their operands fit the registers (8 with 32 registers, 4 with 16).
+#ifndef NA_CHUNK
+#define NA_CHUNK (REGS >= 32 ? 8 : 4)
+#endif
+constexpr int CHUNK = NA_CHUNK;
 template <class F>
 inline void chunks(int64_t total, F&& f) {
     int64_t i = 0;
-    for (; i + 8 <= total; i += 8) f(std::integral_constant<int, 8>{}, i);
-    upto8(total - i, [&](auto n) { f(n, i); });
+    for (; i + CHUNK <= total; i += CHUNK) f(std::integral_constant<int, CHUNK>{}, i);
+    upto<CHUNK - 1>(total - i, [&](auto n) { f(n, i); });
 }
 
 // R query rows (up to MAXR) computed together because they read the same key rows, so each key vector loaded
 // serves all of them (loads, not FMAs, bound these loops): the band's key row t is krow[t]; query row i's window row
 // a is the band's key row a + shift[i]. Each key row is computed for the rows whose windows include it, a range
 // [lo, hi) of the band (shifts grow with i).
-constexpr int MAXR = 3;  // 3 rows x 8 accumulators + their operands fill the 32 AVX-512 registers
+#ifndef NA_MAXR
+#define NA_MAXR 3
+#endif
+constexpr int MAXR = NA_MAXR;  // 3 rows x CHUNK accumulators + their operands fill the registers
 struct Band {
     int64_t r[MAXR], shift[MAXR], nt;
     std::vector<int64_t> krow;
@@ -256,15 +263,19 @@ inline vf key_of(vf l, vf m, vf r) {
     else return shifted<B - centre>(m, r);
 }
 
-// f(std::integral_constant<int, KW>{}) for the kernel widths key_of serves in `dots`; false for the others.
+// f(std::integral_constant<int, KW>{}) for the kernel widths key_of serves in `dots`; false for the others, and for
+// every width with 16 registers (3 x 7 accumulators do not fit, and without `valignd` a shifted vector costs two
+// or three shuffles, more than the unaligned load it replaces).
 template <class F>
 inline bool with_regular_kw(int64_t kw, F&& f) {
-    switch (kw) {
-        case 3: f(std::integral_constant<int, 3>{}); return true;
-        case 5: f(std::integral_constant<int, 5>{}); return true;
-        case 7: f(std::integral_constant<int, 7>{}); return true;
-        default: return false;
+    if constexpr (REGS >= 32) {
+        switch (kw) {
+            case 3: f(std::integral_constant<int, 3>{}); return true;
+            case 5: f(std::integral_constant<int, 5>{}); return true;
+            case 7: f(std::integral_constant<int, 7>{}); return true;
+        }
     }
+    return false;
 }
 
 inline bool regular_aligned(const Geo& g, const Lanes& L) {

@@ -9,7 +9,7 @@
 // Built once per machine by attnlab/ops/native/__init__.py (g++ -O3 -march=native) and called through ctypes; no
 // PyTorch headers. Layout: every operand is a strided (batch, tile, head, row, column) array with unit column stride;
 // rows are addressed directly or through an index (tiles read in place from token-major tensors).
-// GCC vector extensions give 16-float vectors that compile to AVX-512, AVX2 or SSE, whatever the machine has.
+// GCC vector extensions give one-register vectors (vec.h) of AVX-512, AVX2 or SSE, whatever the machine has.
 
 #include <utility>
 
@@ -67,17 +67,19 @@ inline void micro(int64_t K, const AT& A, int64_t i, const BT& B, int64_t j, flo
         for (int v = 0; v < NV; ++v) store(C + r * ldc + v * VL, c[r][v]);
 }
 
-// Rows per register block for NV <= 4 vectors of columns: MR * NV accumulators + NV + 1 vectors fit 32 AVX-512
-// registers.
+// Rows per register block for NV <= 4 vectors of columns: MR * NV accumulators + NV + 1 vectors fit the registers
+// (with 32, the rows measured best on a Zen 4; at most 8).
 template <int NV>
-constexpr int rows_for() { return NV <= 2 ? 8 : 6; }
+constexpr int rows_for() { return REGS >= 32 ? (NV <= 2 ? 8 : 6) : std::min(8, (REGS - NV - 1) / NV); }
+// Vectors of columns per register block of a product: 4 with 32 registers (6 x 4 accumulators), 2 with 16 (6 x 2).
+constexpr int GEMM_NV = REGS >= 32 ? 4 : 2;
 
 template <int NV, class AT, class BT>
 inline void rows_block(int64_t M, int64_t K, const AT& A, const BT& B, int64_t j, float* C, int64_t ldc, bool acc) {
     constexpr int MR = rows_for<NV>();
     int64_t i = 0;
     for (; i + MR <= M; i += MR) micro<MR, NV>(K, A, i, B, j, C + i * ldc, ldc, acc);
-    upto8(M - i, [&](auto rows) {  // the last rows
+    upto<MR - 1>(M - i, [&](auto rows) {  // the last rows
         micro<decltype(rows)::value, NV>(K, A, i, B, j, C + i * ldc, ldc, acc);
     });
 }
@@ -85,9 +87,9 @@ inline void rows_block(int64_t M, int64_t K, const AT& A, const BT& B, int64_t j
 template <class AT, class BT>
 void gemm(int64_t M, int64_t N, int64_t K, const AT& A, const BT& B, float* C, int64_t ldc, bool acc) {
     int64_t j = 0;
-    for (; j + 4 * VL <= N; j += 4 * VL) rows_block<4>(M, K, A, B, j, C + j, ldc, acc);
-    upto8((N - j) / VL, [&](auto nv) {  // 1-3 vectors left
-        if constexpr (decltype(nv)::value < 4) rows_block<decltype(nv)::value>(M, K, A, B, j, C + j, ldc, acc);
+    for (; j + GEMM_NV * VL <= N; j += GEMM_NV * VL) rows_block<GEMM_NV>(M, K, A, B, j, C + j, ldc, acc);
+    upto<GEMM_NV - 1>((N - j) / VL, [&](auto nv) {  // fewer vectors left
+        rows_block<decltype(nv)::value>(M, K, A, B, j, C + j, ldc, acc);
     });
 }
 
@@ -97,31 +99,31 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const fl
     gemm(M, N, K, Strided{A, lda}, Strided{B, ldb}, C, ldc, acc);
 }
 
-// 16 x 16 transpose in registers: level B swaps bit B of the row and the column index (rows i and i + B exchange
-// their blocks of B elements); after the four levels element (r, c) is at (c, r).
+// VL x VL transpose in registers: level B swaps bit B of the row and the column index (rows i and i + B exchange
+// their blocks of B elements); after the log2 VL levels element (r, c) is at (c, r).
 template <int B, size_t... C>
 inline vf level_lo(vf a, vf b, std::index_sequence<C...>) {
-    return __builtin_shufflevector(a, b, ((C & B) ? 16 + C - B : C)...);
+    return __builtin_shufflevector(a, b, ((C & B) ? VL + C - B : C)...);
 }
 template <int B, size_t... C>
 inline vf level_hi(vf a, vf b, std::index_sequence<C...>) {
-    return __builtin_shufflevector(a, b, ((C & B) ? 16 + C : C + B)...);
+    return __builtin_shufflevector(a, b, ((C & B) ? VL + C : C + B)...);
 }
-template <int B>
-inline void level(vf* r) {
-    for (int i = 0; i < 16; ++i)
+template <int B = VL / 2>
+inline void transpose_block(vf* r) {
+    for (int i = 0; i < VL; ++i)
         if (!(i & B)) {
             const vf a = r[i], b = r[i + B];
-            r[i] = level_lo<B>(a, b, std::make_index_sequence<16>{});
-            r[i + B] = level_hi<B>(a, b, std::make_index_sequence<16>{});
+            r[i] = level_lo<B>(a, b, std::make_index_sequence<VL>{});
+            r[i + B] = level_hi<B>(a, b, std::make_index_sequence<VL>{});
         }
+    if constexpr (B > 1) transpose_block<B / 2>(r);
 }
-inline void transpose16(vf* r) { level<8>(r); level<4>(r); level<2>(r); level<1>(r); }
 
 // dst[cols x ldd] = src^T for src given by its row pointers (rows x cols), ldd = round_up(rows): columns
-// rows..ldd are zero (padding keys contribute nothing). Whole 16 x 16 blocks in registers; edges through zero padding.
+// rows..ldd are zero (padding keys contribute nothing). Whole VL x VL blocks in registers; edges through zero padding.
 void transpose(const float* const* src, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
-    vf r[16];
+    vf r[VL];
     for (int64_t r0 = 0; r0 < rows; r0 += VL) {
         const int64_t nr = std::min<int64_t>(VL, rows - r0);
         for (int64_t c0 = 0; c0 < cols; c0 += VL) {
@@ -134,7 +136,7 @@ void transpose(const float* const* src, int64_t rows, int64_t cols, float* dst, 
                     if (i < nr) std::memcpy(&r[i], src[r0 + i] + c0, nc * sizeof(float));
                 }
             }
-            transpose16(r);
+            transpose_block(r);
             for (int i = 0; i < nc; ++i) store(dst + (c0 + i) * ldd + r0, r[i]);
         }
     }
@@ -247,8 +249,8 @@ constexpr int64_t STREAM_BYTES = 8 << 20;
 // whole aligned vectors and the machine has them (stream_store, vec.h); stream_fence() orders them before the
 // kernel returns.
 inline bool stream_ok(const float* dst, int64_t n) {
-#ifdef __AVX512F__
-    return n % VL == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+#if defined(__AVX512F__) || defined(__AVX__)
+    return n % VL == 0 && reinterpret_cast<uintptr_t>(dst) % (4 * VL) == 0;
 #else
     (void)dst; (void)n;
     return false;
@@ -341,7 +343,7 @@ inline void softmax_rows(int64_t K, const AT& A, int64_t i, const float* kt, int
             c[r][v] = c[r][v] * scale + load(cb + v * VL);
             if (mask) c[r][v] += load(mask + (i + r) * ldm + v * VL);
             if (first > 0 || last < NV * VL) {  // part of the block is outside this row's range
-                const vf col = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + float(v * VL);
+                const vf col = __builtin_convertvector(lanes(), vf) + float(v * VL);
                 c[r][v] = (col < float(first)) | (col >= float(last)) ? splat(-INFINITY) : c[r][v];
             }
             top = vmax(top, c[r][v]);
@@ -369,12 +371,13 @@ void softmax_block(int64_t i0, int64_t i1, int64_t K, const AT& A, const float* 
     constexpr int MR = rows_for<NV>();
     int64_t i = i0;
     for (; i + MR <= i1; i += MR) softmax_rows<MR, NV>(K, A, i, kt, ldk, mask, ldm, cb, kr, j0, scale, S, lds, mx, l);
-    upto8(i1 - i, [&](auto rows) {
+    upto<MR - 1>(i1 - i, [&](auto rows) {
         softmax_rows<decltype(rows)::value, NV>(K, A, i, kt, ldk, mask, ldm, cb, kr, j0, scale, S, lds, mx, l);
     });
 }
 
-// Column blocks of at most this many vectors take softmax_rows: 64 keys (6 rows of 4 vectors). At 84-96 keys
+// Column blocks of at most this many vectors take softmax_rows: 64 keys with AVX-512 (6 rows of 4 vectors), 32 with
+// AVX2 (2 rows of 4; not measured against the two passes). With AVX-512 at 84-96 keys
 // (4 rows of 6 vectors) the fused kernel measured 3-5% slower than the two passes.
 constexpr int64_t FUSED_NV = 4;
 
@@ -438,18 +441,16 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
             }
             if (fused) {  // logits and softmax of the block's rows in registers
                 const float* mk = mask ? mask + k.j0 : nullptr;
-                upto8((k.j1 - k.j0) / VL, [&](auto nv) {
+                upto<FUSED_NV>((k.j1 - k.j0) / VL, [&](auto nv) {
                     constexpr int NV = decltype(nv)::value;
-                    if constexpr (NV <= FUSED_NV) {
-                        const float* kt = w.kt.data() + k.j0;
-                        float *S = w.S.data() + k.j0, *cb = w.cb.data() + k.j0;
-                        if (P.q.idx)
-                            softmax_block<NV>(k.i0, k.i1, P.d, Rows{w.qr.data()}, kt, tkp, mk, P.mask.sr, cb, kr,
-                                              k.j0, P.scale, S, tkp, w.mx.data(), w.inv.data());
-                        else
-                            softmax_block<NV>(k.i0, k.i1, P.d, Strided{w.qr[0], P.q.sr}, kt, tkp, mk, P.mask.sr, cb,
-                                              kr, k.j0, P.scale, S, tkp, w.mx.data(), w.inv.data());
-                    }
+                    const float* kt = w.kt.data() + k.j0;
+                    float *S = w.S.data() + k.j0, *cb = w.cb.data() + k.j0;
+                    if (P.q.idx)
+                        softmax_block<NV>(k.i0, k.i1, P.d, Rows{w.qr.data()}, kt, tkp, mk, P.mask.sr, cb, kr, k.j0,
+                                          P.scale, S, tkp, w.mx.data(), w.inv.data());
+                    else
+                        softmax_block<NV>(k.i0, k.i1, P.d, Strided{w.qr[0], P.q.sr}, kt, tkp, mk, P.mask.sr, cb, kr,
+                                          k.j0, P.scale, S, tkp, w.mx.data(), w.inv.data());
                 });
             } else {
                 if (P.q.idx)  // rows by pointer; evenly strided rows index faster (no pointer load per row)
@@ -613,6 +614,10 @@ Problem problem(const int64_t* sizes, const int64_t* strides, void* const* ptrs,
 }  // namespace
 
 extern "C" {
+
+// Floats per vector of this build (16 with AVX-512, 8 with AVX2, 4 otherwise): the neighbourhood kernel's geometry
+// limits depend on it.
+int attnlab_vector_width() { return VL; }
 
 // sizes: [B, T, hq, hkv, tq, tk, d, dv, kpm batch stride]. ptrs and strides (4 per operand: batch, tile, head, row),
 // in this order: q, k, v, mask, o, lse. q_index (T, tq) and k_index (T, tk) may be null (rows are then the tile's

@@ -1,6 +1,7 @@
-// Vector helpers shared by the CPU kernels (tile_attention.cpp, neighborhood.cpp): 16-float GCC vectors (AVX-512,
-// AVX2 or SSE, whatever -march=native gives), loads and stores, a vector exp, horizontal max and sum, and the
-// thread split. Header-only; every function is inline or in an anonymous namespace of the including file.
+// Vector helpers shared by the CPU kernels (tile_attention.cpp, neighborhood.cpp): GCC vectors of one machine
+// register each (16 floats with AVX-512, 8 with AVX2, 4 otherwise), loads and stores, a vector exp, horizontal max
+// and sum, and the thread split. Header-only; every function is inline or in an anonymous namespace of the including
+// file.
 #pragma once
 
 #include <algorithm>
@@ -19,13 +20,34 @@
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-constexpr int VL = 16;  // floats per vector
+// Floats per vector and vector registers: the kernels' register blocks (accumulators per loop) are sized from REGS.
+// A vector wider than the registers (16 floats on AVX2, as before session 12) is split by the compiler into pairs
+// whose blocks spill: on a Zen 3, neighborhood.cpp then took 440 s to compile and missed every speed target.
+#if defined(__AVX512F__)
+constexpr int VL = 16, REGS = 32;
+#elif defined(__AVX__)
+constexpr int VL = 8, REGS = 16;
+#elif defined(__aarch64__)
+constexpr int VL = 4, REGS = 32;
+#else
+constexpr int VL = 4, REGS = 16;
+#endif
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
 
 inline vf load(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (vf{} + x adds 0.0 first)
+inline vf splat(float x) {  // (vf{} + x adds 0.0 first)
+    vf r;
+    for (int i = 0; i < VL; ++i) r[i] = x;
+    return r;
+}
+// {0, 1, ..., VL - 1}
+inline vi lanes() {
+    vi r;
+    for (int i = 0; i < VL; ++i) r[i] = i;
+    return r;
+}
 inline int64_t round_up(int64_t n) { return (n + VL - 1) / VL * VL; }
 
 // exp(x) for a vector: 2^n * e^f with n = round(x log2 e), |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial
@@ -80,32 +102,25 @@ inline void prefetch_span(const float* p, int64_t n) {
         __builtin_prefetch(reinterpret_cast<const void*>(a), WRITE, LOCALITY);
 }
 
-// Horizontal max and sum by halving (four shuffles instead of sixteen element extractions).
+// Horizontal max and sum by halving (log2 VL shuffles instead of VL element extractions): step s combines lane i
+// with lane i ^ s.
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-#define HALVE(v, op)                                                                                         \
-    v = op(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));         \
-    v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));         \
-    v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));         \
-    v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14))
 inline vf vadd(vf a, vf b) { return a + b; }
-inline float hmax(vf v) { HALVE(v, vmax); return v[0]; }
-inline float hsum(vf v) { HALVE(v, vadd); return v[0]; }
-#undef HALVE
+template <class Op>
+inline float halve(vf v, Op op) {
+    for (int s = VL / 2; s > 0; s /= 2) v = op(v, __builtin_shuffle(v, lanes() ^ s));
+    return v[0];
+}
+inline float hmax(vf v) { return halve(v, vmax); }
+inline float hsum(vf v) { return halve(v, vadd); }
 
-// f(std::integral_constant<int, n>{}) for a run-time n in 1..8 (nothing for other n): register-blocked loops
+// f(std::integral_constant<int, n>{}) for a run-time n in 1..N (nothing for other n): register-blocked loops
 // instantiate one body per block size and dispatch their remainders here.
-template <class F>
-inline void upto8(int64_t n, F&& f) {
-    switch (n) {
-        case 8: f(std::integral_constant<int, 8>{}); break;
-        case 7: f(std::integral_constant<int, 7>{}); break;
-        case 6: f(std::integral_constant<int, 6>{}); break;
-        case 5: f(std::integral_constant<int, 5>{}); break;
-        case 4: f(std::integral_constant<int, 4>{}); break;
-        case 3: f(std::integral_constant<int, 3>{}); break;
-        case 2: f(std::integral_constant<int, 2>{}); break;
-        case 1: f(std::integral_constant<int, 1>{}); break;
-        default: break;
+template <int N, class F>
+inline void upto(int64_t n, F&& f) {
+    if constexpr (N > 0) {
+        if (n == N) return f(std::integral_constant<int, N>{});
+        upto<N - 1>(n, f);
     }
 }
 
@@ -113,21 +128,23 @@ inline void upto8(int64_t n, F&& f) {
 // loads the same vector once per FMA where loads, not FMAs, bound a loop). A no-op where the asm constraint for
 // vector registers is not known.
 inline vf in_register(vf x) {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__AVX512F__)
     asm("" : "+v"(x));
+#elif defined(__x86_64__) || defined(__i386__)
+    asm("" : "+x"(x));
 #endif
     return x;
 }
 
-// Lanes S..15 of lo, then lanes 0..S-1 of hi: 16 consecutive floats of the 32 that lo and hi hold (one `valignd`
+// Lanes S..VL-1 of lo, then lanes 0..S-1 of hi: VL consecutive floats of the 2 VL that lo and hi hold (one `valignd`
 // with AVX-512: the shift must be an immediate, a shift index in a register measured no faster than unaligned loads).
 template <int S>
 inline vf shifted(vf lo, vf hi) {
-    static_assert(S > 0 && S < VL, "shifted: 0 < S < 16");
+    static_assert(S > 0 && S < VL, "shifted: 0 < S < VL");
 #ifdef __AVX512F__  // the masked form: GCC 12 warns about the unmasked intrinsic's undefined source operand
     return _mm512_castsi512_ps(_mm512_maskz_alignr_epi32(0xffff, _mm512_castps_si512(hi), _mm512_castps_si512(lo), S));
 #else
-    return __builtin_shuffle(lo, hi, vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} + S);
+    return __builtin_shuffle(lo, hi, lanes() + S);
 #endif
 }
 
@@ -135,8 +152,10 @@ inline vf shifted(vf lo, vf hi) {
 // results that are not read again soon, it saves reading the line in before writing it (both kernels' large
 // outputs). Callers end with stream_fence() before other threads may read the results.
 inline void stream_store(float* p, vf v) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_ps(p, (__m256)v);
 #endif
     store(p, v);
 }
