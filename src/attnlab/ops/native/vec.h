@@ -10,6 +10,7 @@
 #include <cstring>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -37,17 +38,13 @@ typedef int32_t vi __attribute__((vector_size(4 * VL)));
 
 inline vf load(const float* p) { vf r; std::memcpy(&r, p, sizeof r); return r; }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) {  // (vf{} + x adds 0.0 first)
-    vf r;
-    for (int i = 0; i < VL; ++i) r[i] = x;
-    return r;
-}
+// x in every lane: lane 0 of {x} shuffled everywhere, one broadcast (vf{} + x adds 0.0 first, and a loop over the
+// lanes became a chain of inserts inside the AVX2 build's register blocks).
+inline vf splat(float x) { return __builtin_shuffle(vf{x}, vi{}); }
 // {0, 1, ..., VL - 1}
-inline vi lanes() {
-    vi r;
-    for (int i = 0; i < VL; ++i) r[i] = i;
-    return r;
-}
+template <size_t... I>
+constexpr vi lanes(std::index_sequence<I...>) { return vi{int32_t(I)...}; }
+constexpr vi lanes() { return lanes(std::make_index_sequence<VL>{}); }
 inline int64_t round_up(int64_t n) { return (n + VL - 1) / VL * VL; }
 
 // exp(x) for a vector: 2^n * e^f with n = round(x log2 e), |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial
