@@ -135,9 +135,11 @@ inline vf keys(const float* row, int64_t off, const Lanes& L) {
 }
 
 // Calls f(std::integral_constant<int, n>, first) over [0, total) in chunks of at most CHUNK: MAXR rows x CHUNK
-// accumulators and their operands fit the registers (8 with 32 registers, 4 with 16).
+// accumulators and their operands fit the registers (3 x 8 of 32 registers; 2 x 6 of 16, which measured 12-15%
+// faster on a Zen 3 than 3 x 4, 2 x 4, 2 x 7 (spills), 1 x 8 or 3 x 3). NA_MAXR and NA_CHUNK override them for
+// A/B builds (benchmarks/na_ab.cpp).
 #ifndef NA_CHUNK
-#define NA_CHUNK (REGS >= 32 ? 8 : 4)
+#define NA_CHUNK (REGS >= 32 ? 8 : 6)
 #endif
 constexpr int CHUNK = NA_CHUNK;
 template <class F>
@@ -152,9 +154,9 @@ inline void chunks(int64_t total, F&& f) {
 // a is the band's key row a + shift[i]. Each key row is computed for the rows whose windows include it, a range
 // [lo, hi) of the band (shifts grow with i).
 #ifndef NA_MAXR
-#define NA_MAXR 3
+#define NA_MAXR (REGS >= 32 ? 3 : 2)
 #endif
-constexpr int MAXR = NA_MAXR;  // 3 rows x CHUNK accumulators + their operands fill the registers
+constexpr int MAXR = NA_MAXR;  // MAXR rows x CHUNK accumulators + their operands fill the registers
 struct Band {
     int64_t r[MAXR], shift[MAXR], nt;
     std::vector<int64_t> krow;
@@ -628,12 +630,10 @@ void plan_trickle(const Geo& g, const Operands& X, int64_t bh, const Band& cur, 
     tr.per = std::max<int64_t>(1, (tr.lines() + steps - 1) / std::max<int64_t>(1, steps));
 }
 
-// Calls f(std::integral_constant<int, R>{}) for a band's run-time row count.
+// Calls f(std::integral_constant<int, R>{}) for a band's run-time row count (1..MAXR).
 template <class F>
 inline void with_rows(int R, F&& f) {
-    if (R == 3) f(std::integral_constant<int, 3>{});
-    else if (R == 2) f(std::integral_constant<int, 2>{});
-    else f(std::integral_constant<int, 1>{});
+    upto<MAXR>(R, f);
 }
 
 Geo geometry(const int64_t* sizes, const int32_t* rs, const int32_t* cs, float scale) {
