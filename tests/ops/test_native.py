@@ -3,7 +3,12 @@ gradients (q, k, v, mask, and through the lse), and a clean fallback to SDPA whe
 
 from __future__ import annotations
 
+import os
+import platform
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -522,3 +527,33 @@ def test_an_output_large_enough_to_be_streamed_equals_sdpa():
     o = native.tile_attention(q, k, v)
     assert o.untyped_storage().data_ptr() % 64 == 0
     torch.testing.assert_close(o, torch.nn.functional.scaled_dot_product_attention(q, k, v), **TOL)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return {f for ln in open("/proc/cpuinfo") if ln.startswith("flags") for f in ln.split(":")[1].split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("march,width,flag", [("x86-64", 4, "sse2"), ("x86-64-v3", 8, "avx2"),
+                                              ("x86-64-v4", 16, "avx512f")])
+def test_every_vector_width_this_cpu_runs_equals_the_reference(march, width, flag, tmp_path):
+    """The kernels built for another vector width (ATTNLAB_NATIVE_MARCH) pass this file's and the neighbourhood
+    kernel's tests: the register blocks, transposes, reductions and border permutes are written for any width, and
+    a build that only the development machine's width exercises (session 12: the AVX-512 build did not compile for
+    AVX2) fails here first."""
+    if shutil.which("g++") is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs g++ on x86-64")
+    if flag not in _cpu_flags():
+        pytest.skip(f"this CPU has no {flag}")
+    env = dict(os.environ, ATTNLAB_NATIVE_MARCH=march, ATTNLAB_CACHE=str(tmp_path))
+    here = Path(__file__).parent
+    probe = "from attnlab.ops import native; print(native.status(), native.vector_width())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=900)
+    assert out.stdout.split()[-2:] == ["ok", str(width)], out.stdout + out.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_native.py"),
+                          str(here / "test_native_neighborhood.py"), "-m", "not slow"], env=env, capture_output=True,
+                         text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

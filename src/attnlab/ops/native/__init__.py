@@ -7,7 +7,9 @@ register-blocked vector code, forward and backward (the backward recomputes the 
 log-sum-exp).
 
 The C++ source has no PyTorch headers: it is compiled once per machine with ``g++ -O3 -march=native`` into
-``$ATTNLAB_CACHE/kernels`` (a few seconds) and called through :mod:`ctypes` on the tensors' memory. When no
+``$ATTNLAB_CACHE/kernels`` (10-30 seconds) and called through :mod:`ctypes` on the tensors' memory. Vectors are one
+machine register wide (16 floats with AVX-512, 8 with AVX2, 4 otherwise); ``ATTNLAB_NATIVE_MARCH`` (default
+``native``) builds for another ``-march`` target this CPU can run, e.g. ``x86-64`` to test the 4-float build. When no
 compiler is available, the build fails, or ``ATTNLAB_NATIVE=0`` is set, :func:`available` is False and callers keep
 their SDPA path; :func:`status` says why.
 
@@ -45,7 +47,8 @@ _HERE = Path(__file__).parent
 # compiled together into one library; the header is hashed with them
 _SOURCES = (_HERE / "tile_attention.cpp", _HERE / "neighborhood.cpp")
 _HEADERS = (_HERE / "vec.h",)
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+_FLAGS = ["-O3", f"-march={os.environ.get('ATTNLAB_NATIVE_MARCH', 'native')}", "-fno-math-errno", "-std=c++17",
+          "-shared", "-fPIC", "-pthread", "-Wno-psabi"]
 # The kernels' threads: OpenMP's, i.e. PyTorch's own pool (see vec.h, parallel); std::threads if the compiler has no
 # OpenMP.
 _OPENMP = "-fopenmp"
