@@ -156,6 +156,20 @@ inline void chunks(int64_t total, F&& f) {
 #ifndef NA_MAXR
 #define NA_MAXR (REGS >= 32 ? 3 : 2)
 #endif
+// Band order (NA_BAND, on with 16 registers): on 2-D maps the forward computes a band's logits for all its column
+// blocks a chunk of NA_DCH q/k channels at a time, then their softmax, then their outputs a chunk of v channels at a
+// time, instead of each block from start to end. With 8-lane vectors a block's k and v lines (kh + 1 key rows x the
+// channels x 2 lines) are twice a 32 KB L1, and the next block, 8 columns on, read them from L2 again; in band order
+// a chunk's key rows stay in L1 across the blocks, for S of every block kept in memory (50 KB at k = 7, 2 rows of
+// 128 columns). A/B harness on a Zen 3, 128 x 128, 8 heads of 64, 2 threads: k = 7 46 -> 40 ms, k = 13 123 -> 93,
+// k = 31 502 -> 403. Not measured with 32 registers (16-lane blocks, sessions 10-11's tuning), so off there; off in
+// 1-D, where a row's blocks are many and their S would not stay in L2.
+#ifndef NA_BAND
+#define NA_BAND (REGS < 32)
+#endif
+#ifndef NA_DCH
+#define NA_DCH 16
+#endif
 constexpr int MAXR = NA_MAXR;  // MAXR rows x CHUNK accumulators + their operands fill the registers
 struct Band {
     int64_t r[MAXR], shift[MAXR], nt;
@@ -289,10 +303,10 @@ inline bool regular_aligned(const Geo& g, const Lanes& L) {
 // channel c's key row at yc. tr (may be null) takes a key row's worth of lines and steps once per channel.
 template <int R, int NB, int LO, int HI, class K>
 inline void dot_pass(int64_t C, const float* const* x, int64_t xs, const float* yt, int64_t ys, float* const* dst,
-                     Trickle* tr, K&& keys) {
+                     Trickle* tr, bool add, K&& keys) {
     vf acc[R][NB];
     for (int i = LO; i < HI; ++i)
-        for (int b = 0; b < NB; ++b) acc[i][b] = splat(0.0f);
+        for (int b = 0; b < NB; ++b) acc[i][b] = add ? load(dst[i] + b * VL) : splat(0.0f);
     const TrickleLines lines = tr ? tr->take(C) : TrickleLines{nullptr, 0};
     for (int64_t c = 0; c < C; ++c) {
         trickle_step(lines, c, C);
@@ -313,13 +327,15 @@ inline void dot_pass(int64_t C, const float* const* x, int64_t xs, const float* 
 // pass, its keys by key_of.
 // tr (the forward's, may be null) steps once per channel.
 template <int R, bool U>
-void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Planes<const float>& y, int64_t bh,
-          const Band& band, const Lanes& L, float* const* S, Trickle* tr) {
+void dots(const Geo& g, int64_t C, const float* const* x0, int64_t xs, const Planes<const float>& y, int64_t bh,
+          const Band& band, const Lanes& L, float* const* S, Trickle* tr, int64_t c0 = 0, bool add = false) {
     const int64_t ys = y.sc;
     const auto yp = y.plane(bh);
     const bool aligned = U && regular_aligned(g, L);
+    const float* x[R];
+    for (int i = 0; i < R; ++i) x[i] = x0[i] + c0 * xs;
     for (int64_t t = 0; t < band.nt; ++t) {
-        const float* yt = yp.at(0, band.krow[t]);
+        const float* yt = yp.at(c0, band.krow[t]);
         int lo, hi;
         band.rows_using(g, R, t, lo, hi);
         row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
@@ -328,7 +344,7 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
             for (int i = LO; i < HI; ++i) dst[i] = S[i] + (t - band.shift[i]) * g.kw * VL;
             if (aligned && with_regular_kw(g.kw, [&](auto kw) {  // three aligned loads and `valignd`s per channel
                     constexpr int KW = decltype(kw)::value;
-                    dot_pass<R, KW, LO, HI>(C, x, xs, yt + L.c0, ys, dst, tr, [](const float* yc, auto&& f) {
+                    dot_pass<R, KW, LO, HI>(C, x, xs, yt + L.c0, ys, dst, tr, add, [](const float* yc, auto&& f) {
                         const vf l = in_register(load(yc - VL)), m = in_register(load(yc)),
                                  r = in_register(load(yc + VL));
                         offsets<0, KW>([&](auto b) { f(b, in_register(key_of<KW, decltype(b)::value>(l, m, r))); });
@@ -339,8 +355,9 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
                 constexpr int NB = decltype(nb)::value;
                 float* at[R];
                 for (int i = LO; i < HI; ++i) at[i] = dst[i] + b0 * VL;
-                const bool window = !U && !L.span.empty();  // border block, small kernel: one 32-column window
-                dot_pass<R, NB, LO, HI>(C, x, xs, yt, ys, at, b0 == 0 ? tr : nullptr, [&](const float* yc, auto&& f) {
+                const bool window = !U && !L.span.empty();  // border block, small kernel: one 2 VL column window
+                Trickle* t = b0 == 0 ? tr : nullptr;
+                dot_pass<R, NB, LO, HI>(C, x, xs, yt, ys, at, t, add, [&](const float* yc, auto&& f) {
                     vf w0, w1;
                     if (window) w0 = load(yc + L.wbase), w1 = load(yc + L.wbase + VL);
                     for (int b = 0; b < NB; ++b)
@@ -355,37 +372,40 @@ void dots(const Geo& g, int64_t C, const float* const* x, int64_t xs, const Plan
 // emit(i, c, sum over (a, b) of P_i[a][b] * the lanes' keys of offset (a, b) in y's channel c) for every row i and
 // channel c < C: p v (and dS k in the backward). Each chunk of up to 8 channels keeps its sums in registers over
 // all offsets; each key row adds into the rows that use it.
+template <int R, bool U, int NC, class E>
+void weighted_chunk(const Geo& g, int64_t c0, const float* const* P, const Planes<const float>& y, int64_t bh,
+                    const Band& band, const Lanes& L, E&& emit) {
+    const int64_t ys = y.sc;
+    const auto yp = y.plane(bh);
+    vf acc[R][NC];
+    for (int i = 0; i < R; ++i)
+        for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
+    for (int64_t t = 0; t < band.nt; ++t) {
+        const float* yt = yp.at(c0, band.krow[t]);
+        int lo, hi;
+        band.rows_using(g, R, t, lo, hi);
+        row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
+            constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
+            const float* pt[R];
+            for (int i = LO; i < HI; ++i) pt[i] = P[i] + (t - band.shift[i]) * g.kw * VL;
+            for (int64_t b = 0; b < g.kw; ++b) {
+                vf p[R];
+                for (int i = LO; i < HI; ++i) p[i] = load(pt[i] + b * VL);
+                for (int c = 0; c < NC; ++c) {
+                    const vf key = in_register(keys<U>(yt + c * ys, b * g.dw, L));
+                    for (int i = LO; i < HI; ++i) acc[i][c] += p[i] * key;
+                }
+            }
+        });
+    }
+    for (int i = 0; i < R; ++i)
+        for (int c = 0; c < NC; ++c) emit(i, c0 + c, acc[i][c]);
+}
+
 template <int R, bool U, class E>
 void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const float>& y, int64_t bh,
               const Band& band, const Lanes& L, E&& emit) {
-    const int64_t ys = y.sc;
-    const auto yp = y.plane(bh);
-    chunks(C, [&](auto nc, int64_t c0) {
-        constexpr int NC = decltype(nc)::value;
-        vf acc[R][NC];
-        for (int i = 0; i < R; ++i)
-            for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
-        for (int64_t t = 0; t < band.nt; ++t) {
-            const float* yt = yp.at(c0, band.krow[t]);
-            int lo, hi;
-            band.rows_using(g, R, t, lo, hi);
-            row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
-                constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
-                const float* pt[R];
-                for (int i = LO; i < HI; ++i) pt[i] = P[i] + (t - band.shift[i]) * g.kw * VL;
-                for (int64_t b = 0; b < g.kw; ++b) {
-                    vf p[R];
-                    for (int i = LO; i < HI; ++i) p[i] = load(pt[i] + b * VL);
-                    for (int c = 0; c < NC; ++c) {
-                        const vf key = in_register(keys<U>(yt + c * ys, b * g.dw, L));
-                        for (int i = LO; i < HI; ++i) acc[i][c] += p[i] * key;
-                    }
-                }
-            });
-        }
-        for (int i = 0; i < R; ++i)
-            for (int c = 0; c < NC; ++c) emit(i, c0 + c, acc[i][c]);
-    });
+    chunks(C, [&](auto nc, int64_t c0) { weighted_chunk<R, U, decltype(nc)::value>(g, c0, P, y, bh, band, L, emit); });
 }
 
 // The border queries' part of dk, dv for one query row: y(c, krow[a])[start + dw b] += sum over the queries of a
@@ -495,22 +515,77 @@ inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
     return 1.0f / sum;
 }
 
+// The logits of one column block of the band's R query rows over channels [c0, c0 + C) of q and k, added to S when
+// add (a later chunk of channels).
+template <int R, bool U>
+void block_dots(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S,
+                Trickle* tr, int64_t c0, int64_t C, bool add) {
+    const float* x[R];
+    const auto qp = X.q.plane(bh);
+    for (int i = 0; i < R; ++i) x[i] = qp.at(0, band.r[i]) + L.c0;
+    dots<R, U>(g, C, x, X.q.sc, X.k, bh, band, L, S, tr, c0, add);
+}
+
+// The block's softmax in place (unnormalised p), its lse stored; inv[i] = 1 / row i's sums.
+template <int R>
+void block_softmax(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S,
+                   vf* inv) {
+    for (int i = 0; i < R; ++i)
+        inv[i] = softmax_lanes(S[i], g.kh * g.kw, g.scale, X.lse + (bh * g.H + band.r[i]) * g.W + L.c0);
+}
+
+// Output row i of the block, channel c: acc / the row's sum, stored (past the caches when streaming).
+inline void store_output(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, int i,
+                         int64_t c, vf acc, vf inv) {
+    float* o = X.o.plane(bh).at(c, band.r[i]) + L.c0;
+    if (g.stream) stream_store(o, acc * inv);  // written once, read by the next layer: not worth caching
+    else store(o, acc * inv);
+}
+
 // Forward of one column block of the band's R query rows.
 template <int R, bool U>
 void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S,
                    Trickle* tr) {
-    const int64_t c0 = L.c0, n = g.kh * g.kw;
-    const float* x[R];
-    const auto qp = X.q.plane(bh);
-    const auto op = X.o.plane(bh);
-    for (int i = 0; i < R; ++i) x[i] = qp.at(0, band.r[i]) + c0;
-    dots<R, U>(g, g.D, x, X.q.sc, X.k, bh, band, L, S, tr);
+    block_dots<R, U>(g, X, bh, band, L, S, tr, 0, g.D, false);
     vf inv[R];
-    for (int i = 0; i < R; ++i) inv[i] = softmax_lanes(S[i], n, g.scale, X.lse + (bh * g.H + band.r[i]) * g.W + c0);
-    weighted<R, U>(g, g.Dv, S, X.v, bh, band, L, [&](int i, int64_t c, vf acc) {
-        float* o = op.at(c, band.r[i]) + c0;
-        if (g.stream) stream_store(o, acc * inv[i]);  // written once, read by the next layer: not worth caching
-        else store(o, acc * inv[i]);
+    block_softmax<R>(g, X, bh, band, L, S, inv);
+    weighted<R, U>(g, g.Dv, S, X.v, bh, band, L,
+                   [&](int i, int64_t c, vf acc) { store_output(g, X, bh, band, L, i, c, acc, inv[i]); });
+}
+
+// Forward of blocks [i0, i1) of the band in band order (NA_BAND): the logits of every block a chunk of q and k
+// channels at a time (the chunk's key rows stay in L1 across the blocks), their softmax, then their outputs a chunk
+// of v channels at a time. S: R kh kw vectors per block (block i's row r at (i R + r) kh kw VL); inv: R per block.
+template <int R>
+void band_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const std::vector<Lanes>& blocks,
+                  int64_t i0, int64_t i1, float* S, vf* inv, Trickle* tr) {
+    auto rows_of = [&](int64_t i, float** Si) {
+        for (int r = 0; r < R; ++r) Si[r] = S + (i * R + r) * g.kh * g.kw * VL;
+    };
+    for (int64_t c0 = 0; c0 < g.D; c0 += NA_DCH) {
+        const int64_t C = std::min<int64_t>(NA_DCH, g.D - c0);
+        for (int64_t i = i0; i < i1; ++i) {
+            float* Si[R];
+            rows_of(i, Si);
+            if (blocks[i].uniform) block_dots<R, true>(g, X, bh, band, blocks[i], Si, tr, c0, C, c0 > 0);
+            else block_dots<R, false>(g, X, bh, band, blocks[i], Si, tr, c0, C, c0 > 0);
+        }
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+        float* Si[R];
+        rows_of(i, Si);
+        block_softmax<R>(g, X, bh, band, blocks[i], Si, inv + i * R);
+    }
+    chunks(g.Dv, [&](auto nc, int64_t c0) {
+        constexpr int NC = decltype(nc)::value;
+        for (int64_t i = i0; i < i1; ++i) {
+            const Lanes& L = blocks[i];
+            float* Si[R];
+            rows_of(i, Si);
+            auto emit = [&](int r, int64_t c, vf acc) { store_output(g, X, bh, band, L, r, c, acc, inv[i * R + r]); };
+            if (L.uniform) weighted_chunk<R, true, NC>(g, c0, Si, X.v, bh, band, L, emit);
+            else weighted_chunk<R, false, NC>(g, c0, Si, X.v, bh, band, L, emit);
+        }
     });
 }
 
@@ -686,8 +761,11 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
     const int64_t items = std::max<int64_t>(1, g.BH * nbands);
     const int64_t parts = std::min<int64_t>(nb, std::max<int64_t>(1, 4 * threads / items));
     const bool trickle = g.stream && parts == 1 && trickle_fits(g, bands);
+    const bool band_order = NA_BAND && g.H > 1;
     parallel(g.BH * nbands * parts, threads, [&](int64_t begin, int64_t end) {
-        std::vector<float> buf(MAXR * g.kh * g.kw * VL, 0.0f);
+        const int64_t per = MAXR * g.kh * g.kw * VL;  // S of one block
+        std::vector<float> buf((band_order ? nb : 1) * per, 0.0f);
+        std::vector<vf> invs(band_order ? nb * MAXR : 0);
         float* S[MAXR];
         for (int i = 0; i < MAXR; ++i) S[i] = buf.data() + i * g.kh * g.kw * VL;
         Band band, next;
@@ -702,13 +780,21 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
                 make_band(g, bands[k2].second, bands[k2].first, next);
                 plan_trickle(g, X, bh, band, (it + 1) / nbands, next, bands[k2].second, nb * band.nt * g.D, tr);
             }
-            for (int64_t i = nb * part / parts; i < nb * (part + 1) / parts; ++i) {
-                const Lanes& L = blocks[i];
+            const int64_t i0 = nb * part / parts, i1 = nb * (part + 1) / parts;
+            if (band_order) {
                 with_rows(R, [&](auto rows) {
-                    constexpr int NR = decltype(rows)::value;
-                    if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
-                    else block_forward<NR, false>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
+                    band_forward<decltype(rows)::value>(g, X, bh, band, blocks, i0, i1, buf.data(), invs.data(),
+                                                        ahead ? &tr : nullptr);
                 });
+            } else {
+                for (int64_t i = i0; i < i1; ++i) {
+                    const Lanes& L = blocks[i];
+                    with_rows(R, [&](auto rows) {
+                        constexpr int NR = decltype(rows)::value;
+                        if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
+                        else block_forward<NR, false>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
+                    });
+                }
             }
         }
         if (g.stream) stream_fence();  // the output's non-temporal stores, before the caller reads it
