@@ -298,6 +298,18 @@ inline bool regular_aligned(const Geo& g, const Lanes& L) {
     return g.dw == 1 && L.c0 % VL == 0 && L.c0 >= VL && L.c0 + 2 * VL <= g.W;
 }
 
+// f(lo, hi, t, yt) for each key row t of the band: [lo, hi) the band rows whose windows include it, as integral
+// constants; yt its channel c0 in y's plane yp.
+template <int R, class P, class F>
+inline void key_rows(const Geo& g, const Band& band, const P& yp, int64_t c0, F&& f) {
+    for (int64_t t = 0; t < band.nt; ++t) {
+        const float* yt = yp.at(c0, band.krow[t]);
+        int lo, hi;
+        band.rows_using(g, R, t, lo, hi);
+        row_range<R>(lo, hi, [&](auto lo_, auto hi_) { f(lo_, hi_, t, yt); });
+    }
+}
+
 // One pass of `dots` over the channels for band rows [LO, HI) and one key row: acc[i][b] = the sum over channels c
 // of x_i,c * key b of channel c, stored at dst[i] + b VL, for b < NB. keys(yc, f) calls f(b, key) for each b, from
 // channel c's key row at yc. tr (may be null) takes a key row's worth of lines and steps once per channel.
@@ -334,39 +346,34 @@ void dots(const Geo& g, int64_t C, const float* const* x0, int64_t xs, const Pla
     const bool aligned = U && regular_aligned(g, L);
     const float* x[R];
     for (int i = 0; i < R; ++i) x[i] = x0[i] + c0 * xs;
-    for (int64_t t = 0; t < band.nt; ++t) {
-        const float* yt = yp.at(c0, band.krow[t]);
-        int lo, hi;
-        band.rows_using(g, R, t, lo, hi);
-        row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
-            constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
-            float* dst[R];
-            for (int i = LO; i < HI; ++i) dst[i] = S[i] + (t - band.shift[i]) * g.kw * VL;
-            if (aligned && with_regular_kw(g.kw, [&](auto kw) {  // three aligned loads and `valignd`s per channel
-                    constexpr int KW = decltype(kw)::value;
-                    dot_pass<R, KW, LO, HI>(C, x, xs, yt + L.c0, ys, dst, tr, add, [](const float* yc, auto&& f) {
-                        const vf l = in_register(load(yc - VL)), m = in_register(load(yc)),
-                                 r = in_register(load(yc + VL));
-                        offsets<0, KW>([&](auto b) { f(b, in_register(key_of<KW, decltype(b)::value>(l, m, r))); });
-                    });
-                }))
-                return;
-            chunks(g.kw, [&](auto nb, int64_t b0) {
-                constexpr int NB = decltype(nb)::value;
-                float* at[R];
-                for (int i = LO; i < HI; ++i) at[i] = dst[i] + b0 * VL;
-                const bool window = !U && !L.span.empty();  // border block, small kernel: one 2 VL column window
-                Trickle* t = b0 == 0 ? tr : nullptr;
-                dot_pass<R, NB, LO, HI>(C, x, xs, yt, ys, at, t, add, [&](const float* yc, auto&& f) {
-                    vf w0, w1;
-                    if (window) w0 = load(yc + L.wbase), w1 = load(yc + L.wbase + VL);
-                    for (int b = 0; b < NB; ++b)
-                        f(b, window ? __builtin_shuffle(w0, w1, L.span[b0 + b])
-                                    : in_register(keys<U>(yc, (b0 + b) * g.dw, L)));
+    key_rows<R>(g, band, yp, c0, [&](auto lo_, auto hi_, int64_t t, const float* yt) {
+        constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
+        float* dst[R];
+        for (int i = LO; i < HI; ++i) dst[i] = S[i] + (t - band.shift[i]) * g.kw * VL;
+        if (aligned && with_regular_kw(g.kw, [&](auto kw) {  // three aligned loads and `valignd`s per channel
+                constexpr int KW = decltype(kw)::value;
+                dot_pass<R, KW, LO, HI>(C, x, xs, yt + L.c0, ys, dst, tr, add, [](const float* yc, auto&& f) {
+                    const vf l = in_register(load(yc - VL)), m = in_register(load(yc)),
+                             r = in_register(load(yc + VL));
+                    offsets<0, KW>([&](auto b) { f(b, in_register(key_of<KW, decltype(b)::value>(l, m, r))); });
                 });
+            }))
+            return;
+        chunks(g.kw, [&](auto nb, int64_t b0) {
+            constexpr int NB = decltype(nb)::value;
+            float* at[R];
+            for (int i = LO; i < HI; ++i) at[i] = dst[i] + b0 * VL;
+            const bool window = !U && !L.span.empty();  // border block, small kernel: one 2 VL column window
+            Trickle* first = b0 == 0 ? tr : nullptr;  // the trickle steps in the first chunk's pass
+            dot_pass<R, NB, LO, HI>(C, x, xs, yt, ys, at, first, add, [&](const float* yc, auto&& f) {
+                vf w0, w1;
+                if (window) w0 = load(yc + L.wbase), w1 = load(yc + L.wbase + VL);
+                for (int b = 0; b < NB; ++b)
+                    f(b, window ? __builtin_shuffle(w0, w1, L.span[b0 + b])
+                                : in_register(keys<U>(yc, (b0 + b) * g.dw, L)));
             });
         });
-    }
+    });
 }
 
 // emit(i, c, sum over (a, b) of P_i[a][b] * the lanes' keys of offset (a, b) in y's channel c) for every row i and
@@ -380,24 +387,19 @@ void weighted_chunk(const Geo& g, int64_t c0, const float* const* P, const Plane
     vf acc[R][NC];
     for (int i = 0; i < R; ++i)
         for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
-    for (int64_t t = 0; t < band.nt; ++t) {
-        const float* yt = yp.at(c0, band.krow[t]);
-        int lo, hi;
-        band.rows_using(g, R, t, lo, hi);
-        row_range<R>(lo, hi, [&](auto lo_, auto hi_) {
-            constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
-            const float* pt[R];
-            for (int i = LO; i < HI; ++i) pt[i] = P[i] + (t - band.shift[i]) * g.kw * VL;
-            for (int64_t b = 0; b < g.kw; ++b) {
-                vf p[R];
-                for (int i = LO; i < HI; ++i) p[i] = load(pt[i] + b * VL);
-                for (int c = 0; c < NC; ++c) {
-                    const vf key = in_register(keys<U>(yt + c * ys, b * g.dw, L));
-                    for (int i = LO; i < HI; ++i) acc[i][c] += p[i] * key;
-                }
+    key_rows<R>(g, band, yp, c0, [&](auto lo_, auto hi_, int64_t t, const float* yt) {
+        constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
+        const float* pt[R];
+        for (int i = LO; i < HI; ++i) pt[i] = P[i] + (t - band.shift[i]) * g.kw * VL;
+        for (int64_t b = 0; b < g.kw; ++b) {
+            vf p[R];
+            for (int i = LO; i < HI; ++i) p[i] = load(pt[i] + b * VL);
+            for (int c = 0; c < NC; ++c) {
+                const vf key = in_register(keys<U>(yt + c * ys, b * g.dw, L));
+                for (int i = LO; i < HI; ++i) acc[i][c] += p[i] * key;
             }
-        });
-    }
+        }
+    });
     for (int i = 0; i < R; ++i)
         for (int c = 0; c < NC; ++c) emit(i, c0 + c, acc[i][c]);
 }
