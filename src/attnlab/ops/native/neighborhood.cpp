@@ -544,28 +544,18 @@ inline void store_output(const Geo& g, const Operands& X, int64_t bh, const Band
     else store(o, acc * inv);
 }
 
-// Forward of one column block of the band's R query rows.
-template <int R, bool U>
-void block_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S,
-                   Trickle* tr) {
-    block_dots<R, U>(g, X, bh, band, L, S, tr, 0, g.D, false);
-    vf inv[R];
-    block_softmax<R>(g, X, bh, band, L, S, inv);
-    weighted<R, U>(g, g.Dv, S, X.v, bh, band, L,
-                   [&](int i, int64_t c, vf acc) { store_output(g, X, bh, band, L, i, c, acc, inv[i]); });
-}
-
-// Forward of blocks [i0, i1) of the band in band order (NA_BAND): the logits of every block a chunk of q and k
-// channels at a time (the chunk's key rows stay in L1 across the blocks), their softmax, then their outputs a chunk
-// of v channels at a time. S: R kh kw vectors per block (block i's row r at (i R + r) kh kw VL); inv: R per block.
+// Forward of the band's column blocks [i0, i1): the logits of every block a chunk of dch q and k channels at a time,
+// their softmax, then their outputs a chunk of v channels at a time. One block with dch = D is the per-block order;
+// all of a band's blocks with dch < D the band order (NA_BAND: a chunk's key rows stay in L1 across the blocks).
+// S: R kh kw vectors per block (block i0 + j's row r at (j R + r) kh kw VL); inv: R per block.
 template <int R>
-void band_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const std::vector<Lanes>& blocks,
-                  int64_t i0, int64_t i1, float* S, vf* inv, Trickle* tr) {
+void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const std::vector<Lanes>& blocks,
+                    int64_t i0, int64_t i1, int64_t dch, float* S, vf* inv, Trickle* tr) {
     auto rows_of = [&](int64_t i, float** Si) {
-        for (int r = 0; r < R; ++r) Si[r] = S + (i * R + r) * g.kh * g.kw * VL;
+        for (int r = 0; r < R; ++r) Si[r] = S + ((i - i0) * R + r) * g.kh * g.kw * VL;
     };
-    for (int64_t c0 = 0; c0 < g.D; c0 += NA_DCH) {
-        const int64_t C = std::min<int64_t>(NA_DCH, g.D - c0);
+    for (int64_t c0 = 0; c0 < g.D; c0 += dch) {
+        const int64_t C = std::min<int64_t>(dch, g.D - c0);
         for (int64_t i = i0; i < i1; ++i) {
             float* Si[R];
             rows_of(i, Si);
@@ -576,7 +566,7 @@ void band_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band,
     for (int64_t i = i0; i < i1; ++i) {
         float* Si[R];
         rows_of(i, Si);
-        block_softmax<R>(g, X, bh, band, blocks[i], Si, inv + i * R);
+        block_softmax<R>(g, X, bh, band, blocks[i], Si, inv + (i - i0) * R);
     }
     chunks(g.Dv, [&](auto nc, int64_t c0) {
         constexpr int NC = decltype(nc)::value;
@@ -584,7 +574,8 @@ void band_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band,
             const Lanes& L = blocks[i];
             float* Si[R];
             rows_of(i, Si);
-            auto emit = [&](int r, int64_t c, vf acc) { store_output(g, X, bh, band, L, r, c, acc, inv[i * R + r]); };
+            const vf* in = inv + (i - i0) * R;
+            auto emit = [&](int r, int64_t c, vf acc) { store_output(g, X, bh, band, L, r, c, acc, in[r]); };
             if (L.uniform) weighted_chunk<R, true, NC>(g, c0, Si, X.v, bh, band, L, emit);
             else weighted_chunk<R, false, NC>(g, c0, Si, X.v, bh, band, L, emit);
         }
@@ -765,11 +756,9 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
     const bool trickle = g.stream && parts == 1 && trickle_fits(g, bands);
     const bool band_order = NA_BAND && g.H > 1;
     parallel(g.BH * nbands * parts, threads, [&](int64_t begin, int64_t end) {
-        const int64_t per = MAXR * g.kh * g.kw * VL;  // S of one block
-        std::vector<float> buf((band_order ? nb : 1) * per, 0.0f);
-        std::vector<vf> invs(band_order ? nb * MAXR : 0);
-        float* S[MAXR];
-        for (int i = 0; i < MAXR; ++i) S[i] = buf.data() + i * g.kh * g.kw * VL;
+        const int64_t group = band_order ? nb : 1;  // blocks per blocks_forward call
+        std::vector<float> S(group * MAXR * g.kh * g.kw * VL, 0.0f);
+        std::vector<vf> inv(group * MAXR);
         Band band, next;
         Trickle tr;
         for (int64_t it = begin; it < end; ++it) {
@@ -783,21 +772,12 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
                 plan_trickle(g, X, bh, band, (it + 1) / nbands, next, bands[k2].second, nb * band.nt * g.D, tr);
             }
             const int64_t i0 = nb * part / parts, i1 = nb * (part + 1) / parts;
-            if (band_order) {
+            for (int64_t i = i0; i < i1; i += group)
                 with_rows(R, [&](auto rows) {
-                    band_forward<decltype(rows)::value>(g, X, bh, band, blocks, i0, i1, buf.data(), invs.data(),
-                                                        ahead ? &tr : nullptr);
+                    blocks_forward<decltype(rows)::value>(g, X, bh, band, blocks, i, std::min(i1, i + group),
+                                                          band_order ? NA_DCH : g.D, S.data(), inv.data(),
+                                                          ahead ? &tr : nullptr);
                 });
-            } else {
-                for (int64_t i = i0; i < i1; ++i) {
-                    const Lanes& L = blocks[i];
-                    with_rows(R, [&](auto rows) {
-                        constexpr int NR = decltype(rows)::value;
-                        if (L.uniform) block_forward<NR, true>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
-                        else block_forward<NR, false>(g, X, bh, band, L, S, ahead ? &tr : nullptr);
-                    });
-                }
-            }
         }
         if (g.stream) stream_fence();  // the output's non-temporal stores, before the caller reads it
     });

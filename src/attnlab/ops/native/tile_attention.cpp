@@ -248,14 +248,7 @@ constexpr int64_t STREAM_BYTES = 8 << 20;
 // dst = s * src by non-temporal stores (whole lines straight to memory, no read for ownership) where dst is a run of
 // whole aligned vectors and the machine has them (stream_store, vec.h); stream_fence() orders them before the
 // kernel returns.
-inline bool stream_ok(const float* dst, int64_t n) {
-#if defined(__AVX512F__) || defined(__AVX__)
-    return n % VL == 0 && reinterpret_cast<uintptr_t>(dst) % (4 * VL) == 0;
-#else
-    (void)dst; (void)n;
-    return false;
-#endif
-}
+inline bool stream_ok(const float* dst, int64_t n) { return n % VL == 0 && stream_aligned(dst); }
 inline void stream_scaled(float* dst, const float* src, float s, int64_t n) {
     for (int64_t c = 0; c < n; c += VL) stream_store(dst + c, load(src + c) * s);
 }
@@ -379,8 +372,8 @@ void softmax_block(int64_t i0, int64_t i1, int64_t K, const AT& A, const float* 
 }
 
 // Column blocks of at most this many vectors take softmax_rows: 64 keys with AVX-512 (6 rows of 4 vectors), 32 with
-// AVX2 (2 rows of 4; not measured against the two passes). With AVX-512 at 84-96 keys
-// (4 rows of 6 vectors) the fused kernel measured 3-5% slower than the two passes.
+// AVX2 (2 rows of 4; not measured against the two passes). With AVX-512 at 84-96 keys (4 rows of 6 vectors) the
+// fused kernel measured 3-5% slower than the two passes.
 constexpr int64_t FUSED_NV = 4;
 
 // Per row of an item: lse = m + log l and inv = 1 / l from the row maxima and sums (l = 0: the query saw no key,

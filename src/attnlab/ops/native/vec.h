@@ -148,11 +148,19 @@ inline vf shifted(vf lo, vf hi) {
 // A store past the caches (non-temporal) where p is on a cache line and the target has one, else a plain store: for
 // results that are not read again soon, it saves reading the line in before writing it (both kernels' large
 // outputs). Callers end with stream_fence() before other threads may read the results.
+#if defined(__AVX512F__) || defined(__AVX__)
+constexpr uintptr_t STREAM_ALIGN = 4 * VL;  // the address alignment a non-temporal vector store needs
+#else
+constexpr uintptr_t STREAM_ALIGN = 0;  // none on this target: stream_store stores plainly
+#endif
+inline bool stream_aligned(const float* p) {
+    return STREAM_ALIGN > 0 && (reinterpret_cast<uintptr_t>(p) & (STREAM_ALIGN - 1)) == 0;
+}
 inline void stream_store(float* p, vf v) {
 #if defined(__AVX512F__)
-    if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) return _mm512_stream_ps(p, (__m512)v);
+    if (stream_aligned(p)) return _mm512_stream_ps(p, (__m512)v);
 #elif defined(__AVX__)
-    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) return _mm256_stream_ps(p, (__m256)v);
+    if (stream_aligned(p)) return _mm256_stream_ps(p, (__m256)v);
 #endif
     store(p, v);
 }
