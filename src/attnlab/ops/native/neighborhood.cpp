@@ -197,7 +197,7 @@ inline void make_band(const Geo& g, int R, int64_t r0, Band& band) {
 // f(LO, HI) as integral constants for the run-time range [lo, hi) of 0 <= lo < hi <= R: a loop over rows whose
 // accumulators stay in registers needs the range at compile time.
 template <int R, int LO = 0, int HI = 1, class F>
-inline void row_range(int lo, int hi, F&& f) {
+[[gnu::always_inline]] inline void row_range(int lo, int hi, F&& f) {
     if constexpr (LO < R) {
         if constexpr (HI <= R) {
             if (lo == LO && hi == HI) return f(std::integral_constant<int, LO>{}, std::integral_constant<int, HI>{});
@@ -301,7 +301,7 @@ inline bool regular_aligned(const Geo& g, const Lanes& L) {
 // f(lo, hi, t, yt) for each key row t of the band: [lo, hi) the band rows whose windows include it, as integral
 // constants; yt its channel c0 in y's plane yp.
 template <int R, class P, class F>
-inline void key_rows(const Geo& g, const Band& band, const P& yp, int64_t c0, F&& f) {
+[[gnu::always_inline]] inline void key_rows(const Geo& g, const Band& band, const P& yp, int64_t c0, F&& f) {
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = yp.at(c0, band.krow[t]);
         int lo, hi;
@@ -536,10 +536,11 @@ void block_softmax(const Geo& g, const Operands& X, int64_t bh, const Band& band
         inv[i] = softmax_lanes(S[i], g.kh * g.kw, g.scale, X.lse + (bh * g.H + band.r[i]) * g.W + L.c0);
 }
 
-// Output row i of the block, channel c: acc / the row's sum, stored (past the caches when streaming).
-inline void store_output(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, int i,
+// Output row i of the block, channel c: acc / the row's sum, stored in the output plane op (past the caches when
+// streaming).
+inline void store_output(const Geo& g, const Planes<float>::Plane& op, const Band& band, const Lanes& L, int i,
                          int64_t c, vf acc, vf inv) {
-    float* o = X.o.plane(bh).at(c, band.r[i]) + L.c0;
+    float* o = op.at(c, band.r[i]) + L.c0;
     if (g.stream) stream_store(o, acc * inv);  // written once, read by the next layer: not worth caching
     else store(o, acc * inv);
 }
@@ -568,6 +569,7 @@ void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
         rows_of(i, Si);
         block_softmax<R>(g, X, bh, band, blocks[i], Si, inv + (i - i0) * R);
     }
+    const auto op = X.o.plane(bh);
     chunks(g.Dv, [&](auto nc, int64_t c0) {
         constexpr int NC = decltype(nc)::value;
         for (int64_t i = i0; i < i1; ++i) {
@@ -575,7 +577,7 @@ void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
             float* Si[R];
             rows_of(i, Si);
             const vf* in = inv + (i - i0) * R;
-            auto emit = [&](int r, int64_t c, vf acc) { store_output(g, X, bh, band, L, r, c, acc, in[r]); };
+            auto emit = [&](int r, int64_t c, vf acc) { store_output(g, op, band, L, r, c, acc, in[r]); };
             if (L.uniform) weighted_chunk<R, true, NC>(g, c0, Si, X.v, bh, band, L, emit);
             else weighted_chunk<R, false, NC>(g, c0, Si, X.v, bh, band, L, emit);
         }
