@@ -24,6 +24,7 @@ CASES = {  # B, heads, D, Dv, H, W, kernel, dilation
     "3x5, regular blocks by aligned loads": (2, 2, 8, 12, 12, 64, (3, 5), (1, 1)),
     "5x3 on 48 columns, one regular block": (1, 3, 8, 8, 10, 48, (5, 3), (1, 1)),
     "13x13 on 64x64, head dim 64": (1, 2, 64, 64, 64, 64, (13, 13), (1, 1)),
+    "head dim 80: logits summed over channel chunks (NA_DCH = 64)": (1, 2, 80, 24, 20, 40, (7, 7), (1, 1)),
     "31x31: border windows need per-offset loads": (1, 1, 33, 17, 48, 70, (31, 31), (1, 1)),
     "1-D, kernel 7": (1, 2, 16, 16, 1, 100, (1, 7), (1, 1)),
     "1-D, kernel 13, dilation 3": (2, 1, 16, 16, 1, 200, (1, 13), (1, 3)),

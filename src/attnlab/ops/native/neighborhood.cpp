@@ -137,16 +137,22 @@ inline vf keys(const float* row, int64_t off, const Lanes& L) {
 // Calls f(std::integral_constant<int, n>, first) over [0, total) in chunks of at most CHUNK: MAXR rows x CHUNK
 // accumulators and their operands fit the registers (3 x 8 of 32 registers; 2 x 6 of 16, which measured 12-15%
 // faster on a Zen 3 than 3 x 4, 2 x 4, 2 x 7 (spills), 1 x 8 or 3 x 3). NA_MAXR and NA_CHUNK override them for
-// A/B builds (benchmarks/na_ab.cpp).
+// A/B builds (benchmarks/na_ab.cpp). The chunks are as equal as they can be (7 = 4 + 3, not 6 + 1): a chunk of
+// one offset is a chain of dependent FMAs per row, one every FMA latency (A/B on a Zen 1, 2 threads: k = 7 -11%,
+// k = 13 -7%, k = 31 -8% in time).
 #ifndef NA_CHUNK
 #define NA_CHUNK (REGS >= 32 ? 8 : 6)
 #endif
 constexpr int CHUNK = NA_CHUNK;
 template <class F>
 inline void chunks(int64_t total, F&& f) {
+    const int64_t n = (total + CHUNK - 1) / CHUNK;
     int64_t i = 0;
-    for (; i + CHUNK <= total; i += CHUNK) f(std::integral_constant<int, CHUNK>{}, i);
-    upto<CHUNK - 1>(total - i, [&](auto n) { f(n, i); });
+    for (int64_t j = 0; j < n; ++j) {
+        const int64_t size = total / n + (j < total % n);
+        upto<CHUNK>(size, [&](auto s) { f(s, i); });
+        i += size;
+    }
 }
 
 // R query rows (up to MAXR) computed together because they read the same key rows, so each key vector loaded
@@ -163,12 +169,15 @@ inline void chunks(int64_t total, F&& f) {
 // a chunk's key rows stay in L1 across the blocks, for S of every block kept in memory (50 KB at k = 7, 2 rows of
 // 128 columns). A/B harness on a Zen 3, 128 x 128, 8 heads of 64, 2 threads: k = 7 46 -> 40 ms, k = 13 123 -> 93,
 // k = 31 502 -> 403. Not measured with 32 registers (16-lane blocks, sessions 10-11's tuning), so off there; off in
-// 1-D, where a row's blocks are many and their S would not stay in L2.
+// 1-D, where a row's blocks are many and their S would not stay in L2. NA_DCH: 16 on the Zen 3; on a Zen 1 (session
+// 13) 64, i.e. every block's logits over all channels of a 64-wide head, then the softmaxes, then the outputs by
+// channel chunks across the blocks, measured 4-7% faster at k = 7 and 2-5% at k = 13 and 31 (S read and written
+// once, not per chunk), so 64; the Zen 3 was not measured with it.
 #ifndef NA_BAND
 #define NA_BAND (REGS < 32)
 #endif
 #ifndef NA_DCH
-#define NA_DCH 16
+#define NA_DCH 64
 #endif
 constexpr int MAXR = NA_MAXR;  // MAXR rows x CHUNK accumulators + their operands fill the registers
 struct Band {
