@@ -135,13 +135,14 @@ inline vf keys(const float* row, int64_t off, const Lanes& L) {
 }
 
 // Calls f(std::integral_constant<int, n>, first) over [0, total) in chunks of at most CHUNK: MAXR rows x CHUNK
-// accumulators and their operands fit the registers (3 x 8 of 32 registers; 2 x 6 of 16, which measured 12-15%
-// faster on a Zen 3 than 3 x 4, 2 x 4, 2 x 7 (spills), 1 x 8 or 3 x 3). NA_MAXR and NA_CHUNK override them for
-// A/B builds (benchmarks/na_ab.cpp). The chunks are as equal as they can be (7 = 4 + 3, not 6 + 1): a chunk of
+// accumulators and their operands fit the registers (3 x 8 of 32 registers; 3 x 4 of 16: on a Zen 1 (session 13)
+// 7-9% faster than 2 x 6 at k = 7, 13 and 31, 2 x 6 itself equal to 2 x 5 and 3 x 3; session 12's Zen 3 had 2 x 6
+// 12-15% faster than 3 x 4, measured before the equal chunks below and key_rows' inlining). NA_MAXR and NA_CHUNK
+// override them for A/B builds (benchmarks/na_ab.cpp). The chunks are as equal as they can be (7 = 4 + 3, not 6 + 1): a chunk of
 // one offset is a chain of dependent FMAs per row, one every FMA latency (A/B on a Zen 1, 2 threads: k = 7 -11%,
 // k = 13 -7%, k = 31 -8% in time).
 #ifndef NA_CHUNK
-#define NA_CHUNK (REGS >= 32 ? 8 : 6)
+#define NA_CHUNK (REGS >= 32 ? 8 : 4)
 #endif
 constexpr int CHUNK = NA_CHUNK;
 template <class F>
@@ -160,7 +161,7 @@ inline void chunks(int64_t total, F&& f) {
 // a is the band's key row a + shift[i]. Each key row is computed for the rows whose windows include it, a range
 // [lo, hi) of the band (shifts grow with i).
 #ifndef NA_MAXR
-#define NA_MAXR (REGS >= 32 ? 3 : 2)
+#define NA_MAXR 3
 #endif
 // Band order (NA_BAND, on with 16 registers): on 2-D maps the forward computes a band's logits for all its column
 // blocks a chunk of NA_DCH q/k channels at a time, then their softmax, then their outputs a chunk of v channels at a
