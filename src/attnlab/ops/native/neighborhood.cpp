@@ -373,7 +373,10 @@ void dots(const Geo& g, int64_t C, const float* const* x0, int64_t xs, const Pla
             constexpr int NB = decltype(nb)::value;
             float* at[R];
             for (int i = LO; i < HI; ++i) at[i] = dst[i] + b0 * VL;
-            const bool window = !U && !L.span.empty();  // border block, small kernel: one 2 VL column window
+            // border block, small kernel: one 2 VL column window, each key a permute of its two vectors, unless a
+            // one-vector permute serves (`single`) and a two-vector one costs more (without AVX-512: two vpermps
+            // and a blend; preferring `single` there measured 3% off k = 7's forward on a Zen 1)
+            const bool window = !U && !L.span.empty() && !(L.single && !TWO_VECTOR_PERMUTE);
             Trickle* first = b0 == 0 ? tr : nullptr;  // the trickle steps in the first chunk's pass
             dot_pass<R, NB, LO, HI>(C, x, xs, yt, ys, at, first, add, [&](const float* yc, auto&& f) {
                 vf w0, w1;

@@ -33,6 +33,12 @@ constexpr int VL = 4, REGS = 32;
 #else
 constexpr int VL = 4, REGS = 16;
 #endif
+// A permute of lanes from two vectors (__builtin_shuffle(a, b, index)) is one instruction (vpermt2ps).
+#if defined(__AVX512F__)
+constexpr bool TWO_VECTOR_PERMUTE = true;
+#else
+constexpr bool TWO_VECTOR_PERMUTE = false;
+#endif
 typedef float vf __attribute__((vector_size(4 * VL)));
 typedef int32_t vi __attribute__((vector_size(4 * VL)));
 
