@@ -5,16 +5,17 @@
 // positions form interleaved groups). Tiling this wastes work: a tile's key region is the union of its queries'
 // windows, so a 4 x 4 query tile with a 7 x 7 kernel computes 100 logits per query for 49 useful ones.
 //
-// Here the operands are channel-first (each channel an H x W plane, rows W floats apart) and one vector holds 16
-// neighbouring queries of a row, one per lane. Away from the borders, the key of offset (a, b) of those 16 queries
-// is 16 consecutive floats of one key row, so logits, softmax and the weighted sum of values are vertical vector
-// operations over the lanes: no masked logits, no transposes, no horizontal sums. In blocks whose windows touch a
-// border (lanes then share key columns) the keys are permuted into the lanes from one or two loads.
+// Here the operands are channel-first (each channel an H x W plane, rows W floats apart) and one vector holds VL
+// (16 with AVX-512, 8 with AVX2) neighbouring queries of a row, one per lane. Away from the borders, the key of
+// offset (a, b) of those VL queries is VL consecutive floats of one key row, so logits, softmax and the weighted sum
+// of values are vertical vector operations over the lanes: no masked logits, no transposes, no horizontal sums. In
+// blocks whose windows touch a border (lanes then share key columns) the keys are permuted into the lanes from one or
+// two loads.
 //
 // The backward recomputes p from the saved log-sum-exp (as the tile kernel does) and gets dq per block like the
 // forward's output. dk and dv are gathered per key instead of scattered per query: a "regular" query (window start
 // = column - dw (kw / 2), every query away from a border) sees key column x at offset b exactly when it sits at
-// column x + dw (kw / 2) - dw b, so with a query row's p and dS kept in padded row buffers, 16 neighbouring keys
+// column x + dw (kw / 2) - dw b, so with a query row's p and dS kept in padded row buffers, VL neighbouring keys
 // sum their kw contributions in registers and are written once. Border queries add theirs by permutes into the key
 // columns, in rounds of lanes whose columns differ. Each thread owns whole (batch, head) planes, so the += into
 // key rows never race.
@@ -50,12 +51,12 @@ struct Geo {
     int64_t reach() const { return dw * (kw - 1); }   // a window's last column - its first
 };
 
-// 16 neighbouring queries of a row (columns c0 .. c0 + 15).
+// VL neighbouring queries of a row (columns c0 .. c0 + VL - 1).
 struct Lanes {
     int64_t c0;
     bool uniform;  // every lane regular: lane j's window starts at column base + j (no border in the block)
-    int64_t base;  // otherwise: the first of 32 key columns that hold every lane's window start (16 if single)
-    bool single;   // otherwise: the window starts lie in 16 columns (a border block whose clamped lanes share a
+    int64_t base;  // otherwise: the first of 2 VL key columns that hold every lane's window start (VL if single)
+    bool single;   // otherwise: the window starts lie in VL columns (a border block whose clamped lanes share a
                    // regular lane's window): each key is one load and a one-vector permute, not two and a two-vector
                    // one (k = 7: 4% off the forward, k = 13: 8%)
     vi slot;       // otherwise: lane j's window start - base
@@ -63,10 +64,11 @@ struct Lanes {
     // is column wbase + span[b][j], so one pair of loads per key row serves every offset.
     int64_t wbase;
     std::vector<vi> span;
-    vi active;     // -1 where lane j is this block's query (a row's last block repeats earlier columns when 16 does
+    vi active;     // -1 where lane j is this block's query (a row's last block repeats earlier columns when VL does
                    // not divide W: those lanes are computed again but not counted twice in the backward)
     vi gathered;   // -1 where lane j is active and regular: its dk, dv contributions are gathered per key
-    std::vector<std::pair<int, int64_t>> border;  // the other active lanes: (lane, index among the row's border queries)
+    // the other active lanes: (lane, index among the row's border queries)
+    std::vector<std::pair<int, int64_t>> border;
 };
 
 // The column blocks of a row, and its border queries (active, not regular), in column order; runs of them share a
@@ -76,8 +78,8 @@ struct Columns {
     std::vector<int64_t> border, runs;
 };
 
-// The columns of a row; false when the kernel cannot take this geometry (W < 16, or a border block whose window
-// starts span more than the 32 columns two loads cover; the caller then uses the tile kernel).
+// The columns of a row; false when the kernel cannot take this geometry (W < VL, or a border block whose window
+// starts span more than the 2 VL columns two loads cover; the caller then uses the tile kernel).
 bool column_blocks(const Geo& g, Columns& cols) {
     std::vector<Lanes>& out = cols.blocks;
     out.clear();
@@ -126,7 +128,7 @@ bool column_blocks(const Geo& g, Columns& cols) {
     return true;
 }
 
-// The 16 lanes' keys of column offset `off` in one key row.
+// The VL lanes' keys of column offset `off` in one key row.
 template <bool U>
 inline vf keys(const float* row, int64_t off, const Lanes& L) {
     if (U) return load(row + L.base + off);
@@ -138,9 +140,9 @@ inline vf keys(const float* row, int64_t off, const Lanes& L) {
 // accumulators and their operands fit the registers (3 x 8 of 32 registers; 3 x 4 of 16: on a Zen 1 (session 13)
 // 7-9% faster than 2 x 6 at k = 7, 13 and 31, 2 x 6 itself equal to 2 x 5 and 3 x 3; session 12's Zen 3 had 2 x 6
 // 12-15% faster than 3 x 4, measured before the equal chunks below and key_rows' inlining). NA_MAXR and NA_CHUNK
-// override them for A/B builds (benchmarks/na_ab.cpp). The chunks are as equal as they can be (7 = 4 + 3, not 6 + 1): a chunk of
-// one offset is a chain of dependent FMAs per row, one every FMA latency (A/B on a Zen 1, 2 threads: k = 7 -11%,
-// k = 13 -7%, k = 31 -8% in time).
+// override them for A/B builds (benchmarks/na_ab.cpp). The chunks are as equal as they can be (7 = 4 + 3, not
+// 6 + 1): a chunk of one offset is a chain of dependent FMAs per row, one every FMA latency (A/B on a Zen 1, 2
+// threads: k = 7 -11%, k = 13 -7%, k = 31 -8% in time).
 #ifndef NA_CHUNK
 #define NA_CHUNK (REGS >= 32 ? 8 : 4)
 #endif
@@ -163,17 +165,16 @@ inline void chunks(int64_t total, F&& f) {
 #ifndef NA_MAXR
 #define NA_MAXR 3
 #endif
-// Band order (NA_BAND, on with 16 registers): on 2-D maps the forward computes a band's logits for all its column
-// blocks a chunk of NA_DCH q/k channels at a time, then their softmax, then their outputs a chunk of v channels at a
-// time, instead of each block from start to end. With 8-lane vectors a block's k and v lines (kh + 1 key rows x the
-// channels x 2 lines) are twice a 32 KB L1, and the next block, 8 columns on, read them from L2 again; in band order
-// a chunk's key rows stay in L1 across the blocks, for S of every block kept in memory (50 KB at k = 7, 2 rows of
-// 128 columns). A/B harness on a Zen 3, 128 x 128, 8 heads of 64, 2 threads: k = 7 46 -> 40 ms, k = 13 123 -> 93,
-// k = 31 502 -> 403. Not measured with 32 registers (16-lane blocks, sessions 10-11's tuning), so off there; off in
-// 1-D, where a row's blocks are many and their S would not stay in L2. NA_DCH: 16 on the Zen 3; on a Zen 1 (session
-// 13) 64, i.e. every block's logits over all channels of a 64-wide head, then the softmaxes, then the outputs by
-// channel chunks across the blocks, measured 4-7% faster at k = 7 and 2-5% at k = 13 and 31 (S read and written
-// once, not per chunk), so 64; the Zen 3 was not measured with it.
+// Band order (NA_BAND, on with 16 registers): on 2-D maps the forward computes the logits of all a band's column
+// blocks (NA_DCH q/k channels at a time, accumulated into each block's S), then their softmaxes, then their outputs
+// a chunk of CHUNK v channels at a time across the blocks, instead of each block from start to end. With 8-lane
+// vectors a block's k and v lines (kh + 2 key rows x the channels x 2 lines) are more than a 32 KB L1, and the next
+// block, 8 columns on, read them from L2 again; in band order a chunk's key rows stay in L1 across the blocks, for S
+// of every block kept in memory (75 KB at k = 7: 3 rows of 128 columns). A/B harness on a Zen 3, 128 x 128, 8 heads
+// of 64, 2 threads, NA_DCH 16: k = 7 46 -> 40 ms, k = 13 123 -> 93, k = 31 502 -> 403. Not measured with 32
+// registers (16-lane blocks, sessions 10-11's tuning), so off there; off in 1-D, where a row's blocks are many and
+// their S would not stay in L2. NA_DCH 64 (a 64-wide head's logits in one pass, S written once) measured 4-7% faster
+// than 16 at k = 7 and 2-5% at k = 13 and 31 on a Zen 1 (session 13); the Zen 3 was measured with 16 only.
 #ifndef NA_BAND
 #define NA_BAND (REGS < 32)
 #endif
@@ -278,7 +279,7 @@ inline void offsets(F&& f) {
 
 // A regular block (every lane regular, dilation 1) that starts on a vector boundary of a row, with an odd kernel of
 // KW <= 7 columns: the lanes' keys of offset b are columns c0 - KW / 2 + b, one `shifted` of two of the aligned
-// vectors at c0 - 16, c0 and c0 + 16, so each channel of a key row is three aligned loads instead of KW unaligned
+// vectors at c0 - VL, c0 and c0 + VL, so each channel of a key row is three aligned loads instead of KW unaligned
 // ones (each of which spans two cache lines; ~5% off k = 7's forward). 3 rows x 7 accumulators, the queries and the
 // three vectors fill the registers, so wider kernels keep the general loop.
 template <int KW, int B>
@@ -342,9 +343,9 @@ inline void dot_pass(int64_t C, const float* const* x, int64_t xs, const float* 
         for (int b = 0; b < NB; ++b) store(dst[i] + b * VL, acc[i][b]);
 }
 
-// S_i[a][b] = sum over channels c of x_i,c (16 query lanes of row i) * the lanes' keys of offset (a, b) in y's
+// S_i[a][b] = sum over channels c of x_i,c (VL query lanes of row i) * the lanes' keys of offset (a, b) in y's
 // channel c: q k^T (and dO v^T in the backward). x_i: channel 0 at the block's queries; xs: the channel stride.
-// One pass over the channels per key row and chunk of up to 8 column offsets, for the rows that use the key row;
+// One pass over the channels per key row and chunk of up to CHUNK column offsets, for the rows that use the key row;
 // a regular aligned block of a kernel up to 7 wide (regular_aligned, with_regular_kw) does all its offsets in one
 // pass, its keys by key_of.
 // tr (the forward's, may be null) steps once per channel.
@@ -390,7 +391,7 @@ void dots(const Geo& g, int64_t C, const float* const* x0, int64_t xs, const Pla
 }
 
 // emit(i, c, sum over (a, b) of P_i[a][b] * the lanes' keys of offset (a, b) in y's channel c) for every row i and
-// channel c < C: p v (and dS k in the backward). Each chunk of up to 8 channels keeps its sums in registers over
+// channel c < C: p v (and dS k in the backward). Each chunk of up to CHUNK channels keeps its sums in registers over
 // all offsets; each key row adds into the rows that use it.
 template <int R, bool U, int NC, class E>
 void weighted_chunk(const Geo& g, int64_t c0, const float* const* P, const Planes<const float>& y, int64_t bh,
@@ -470,7 +471,7 @@ struct RowBuffer {
 };
 
 // The key rows krow[a] of y, channels [0, C): y(c, krow[a])[x] += sum_b Wt(a, b)[x + centre - dw b] * X(c)[same],
-// for every key column x: each block of 16 keys sums its kw contributions from the query row in registers and is
+// for every key column x: each block of VL keys sums its kw contributions from the query row in registers and is
 // written once (dv from p and dO, dk from dS and scale q). Queries that are not gathered have zero weights. Two key
 // rows at a time: the query values X are the same for every key row, so each load of them serves both.
 template <int A>
@@ -515,7 +516,7 @@ struct Operands {
     const float* lse_saved;  // read by the backward
 };
 
-// The softmax of 16 queries' n logits (n vectors at S, every query sees n keys): unnormalised p in place, the
+// The softmax of VL queries' n logits (n vectors at S, every query sees n keys): unnormalised p in place, the
 // log-sum-exp stored at lse; returns 1 / the sums.
 inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
     vf m = load(S);
@@ -560,7 +561,7 @@ inline void store_output(const Geo& g, const Planes<float>::Plane& op, const Ban
 
 // Forward of the band's column blocks [i0, i1): the logits of every block a chunk of dch q and k channels at a time,
 // their softmax, then their outputs a chunk of v channels at a time. One block with dch = D is the per-block order;
-// all of a band's blocks with dch < D the band order (NA_BAND: a chunk's key rows stay in L1 across the blocks).
+// all of a band's blocks the band order (NA_BAND: a v chunk's key rows stay in L1 across the blocks).
 // S: R kh kw vectors per block (block i0 + j's row r at (j R + r) kh kw VL); inv: R per block.
 template <int R>
 void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const std::vector<Lanes>& blocks,
