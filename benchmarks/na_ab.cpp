@@ -10,6 +10,7 @@
 //   p<n>  n floats after each channel row (moves the rows' cache sets);  r<n>  n floats after each image row;
 //   P     planar operands ((heads, d, H, W) each) instead of the module's (H, 3, heads, d, W);
 //   Q, K, O   q / k and v / the output with row stride 0 (one image row, aliased: it stays in the caches);
+//   k, v  k alone / v alone with row stride 0 (which operand's misses cost what);
 //   M<m>  window starts mod m (k and v from a few real rows);   c  everything aliased, streaming mode off.
 // e.g. `/tmp/na_ab 2 128 7 8 64 21 a b aK aP`. Prints each variant's median, quartiles and GFLOP/s on useful FLOPs.
 #include <unistd.h>  // before the namespaces below, so that the kernel's own include of it is a no-op
@@ -51,7 +52,7 @@ struct Variant {
     std::string name;
     Forward forward;
     int64_t pad = 0, row_pad = 0, mod = 0;
-    bool planar = false, alias_q = false, alias_kv = false, alias_out = false, cached = false;
+    bool planar = false, alias_q = false, alias_kv = false, alias_k = false, alias_v = false, alias_out = false, cached = false;
     std::vector<float, Aligned<float>> qkv, out;
     std::vector<double> times;
 };
@@ -75,6 +76,8 @@ Variant parse(const char* spec) {
             case 'P': v.planar = true; break;
             case 'Q': v.alias_q = true; break;
             case 'K': v.alias_kv = true; break;
+            case 'k': v.alias_k = true; break;
+            case 'v': v.alias_v = true; break;
             case 'O': v.alias_out = true; break;
             case 'c': v.cached = true; break;
             default: std::fprintf(stderr, "variant %s: unknown option %c\n", spec, o); std::exit(2);
@@ -119,6 +122,8 @@ int main(int argc, char** argv) {
             }
             if (v.alias_q || v.cached) st[3] = 0;
             if (v.alias_kv || v.cached) st[7] = st[11] = 0;
+            if (v.alias_k) st[7] = 0;
+            if (v.alias_v) st[11] = 0;
             if (v.alias_out || v.cached) st[15] = 0;
             int64_t sizes[11] = {heads, d, d, h, n, k, k, 1, 1, heads, v.cached ? 0 : 1};
             v.times.push_back(median_seconds(1, 3, [&] {

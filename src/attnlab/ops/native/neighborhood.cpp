@@ -517,13 +517,15 @@ struct Operands {
 };
 
 // The softmax of VL queries' n logits (n vectors at S, every query sees n keys): unnormalised p in place, the
-// log-sum-exp stored at lse; returns 1 / the sums.
+// log-sum-exp stored at lse; returns 1 / the sums. p = 2^((s - max) scale log2 e), the scale folded into one FMA.
 inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
     vf m = load(S);
     for (int64_t j = 1; j < n; ++j) m = vmax(m, load(S + j * VL));
+    const float log2_scale = scale * LOG2E;
+    const vf mc = m * log2_scale;
     vf sum = splat(0.0f);
     for (int64_t j = 0; j < n; ++j) {
-        const vf e = vexp((load(S + j * VL) - m) * scale);
+        const vf e = vexp2(load(S + j * VL) * log2_scale - mc);
         store(S + j * VL, e);
         sum += e;
     }
@@ -626,11 +628,12 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
     dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v, bh, band, L, dS, nullptr);  // dp = dO v^T
     for (int i = 0; i < R; ++i) {
         const int64_t r = band.r[i];
-        const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0);
+        const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0) * LOG2E;  // in log2 units
         vf delta = splat(0.0f);  // rowsum(dO * O)
         for (int64_t c = 0; c < g.Dv; ++c) delta += load(dop.at(c, r) + c0) * load(outp.at(c, r) + c0);
+        const float log2_scale = g.scale * LOG2E;
         for (int64_t j = 0; j < n; ++j) {  // p = exp(scale s - lse), dS = p (dp - delta); 0 on lanes another block owns
-            const vf p = L.active ? vexp(load(P[i] + j * VL) * g.scale - lse) : splat(0.0f);
+            const vf p = L.active ? vexp2(load(P[i] + j * VL) * log2_scale - lse) : splat(0.0f);
             const vf ds = p * (load(dS[i] + j * VL) - delta);
             store(P[i] + j * VL, p);
             store(dS[i] + j * VL, ds);
