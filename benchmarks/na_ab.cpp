@@ -52,7 +52,8 @@ struct Variant {
     std::string name;
     Forward forward;
     int64_t pad = 0, row_pad = 0, mod = 0;
-    bool planar = false, alias_q = false, alias_kv = false, alias_k = false, alias_v = false, alias_out = false, cached = false;
+    bool planar = false, alias_q = false, alias_kv = false, alias_k = false, alias_v = false, alias_out = false;
+    bool cached = false;
     std::vector<float, Aligned<float>> qkv, out;
     std::vector<double> times;
 };

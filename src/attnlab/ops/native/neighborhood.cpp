@@ -615,6 +615,7 @@ struct RowWork {
 template <int R, bool U>
 void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, RowWork* w) {
     const int64_t c0 = L.c0, n = g.kh * g.kw;
+    const float log2_scale = g.scale * LOG2E;  // p = 2^(log2_scale s - lse log2 e)
     const auto qp = X.q.plane(bh), dop = X.dout.plane(bh), outp = X.out.plane(bh);
     const float *xq[R], *xdo[R];
     float *P[R], *dS[R];
@@ -631,7 +632,6 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
         const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0) * LOG2E;  // in log2 units
         vf delta = splat(0.0f);  // rowsum(dO * O)
         for (int64_t c = 0; c < g.Dv; ++c) delta += load(dop.at(c, r) + c0) * load(outp.at(c, r) + c0);
-        const float log2_scale = g.scale * LOG2E;
         for (int64_t j = 0; j < n; ++j) {  // p = exp(scale s - lse), dS = p (dp - delta); 0 on lanes another block owns
             const vf p = L.active ? vexp2(load(P[i] + j * VL) * log2_scale - lse) : splat(0.0f);
             const vf ds = p * (load(dS[i] + j * VL) - delta);
