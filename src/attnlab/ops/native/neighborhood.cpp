@@ -41,6 +41,7 @@ struct Planes {
     };
     Plane plane(int64_t bh) const { return Plane{p + bh / heads * sb + bh % heads * sh, sc, sr}; }
 };
+using Plane = Planes<const float>::Plane;
 
 struct Geo {
     int64_t BH, D, Dv, H, W, kh, kw, dh, dw;
@@ -184,6 +185,7 @@ inline void chunks(int64_t total, F&& f) {
 constexpr int MAXR = NA_MAXR;  // MAXR rows x CHUNK accumulators + their operands fill the registers
 struct Band {
     int64_t r[MAXR], shift[MAXR], nt;
+    bool staircase;  // shift[i] = i and kh >= R: row i uses key rows [i, i + kh) (every band away from the borders)
     std::vector<int64_t> krow;
     // [lo, hi): the band rows whose windows include key row t (empty: lo >= hi)
     void rows_using(const Geo& g, int R, int64_t t, int& lo, int& hi) const {
@@ -201,6 +203,8 @@ inline void make_band(const Geo& g, int R, int64_t r0, Band& band) {
         band.shift[i] = (g.rs[band.r[i]] - g.rs[r0]) / g.dh;
     }
     band.nt = g.kh + band.shift[R - 1];
+    band.staircase = g.kh >= R;
+    for (int i = 0; i < R; ++i) band.staircase = band.staircase && band.shift[i] == i;
     band.krow.resize(band.nt);
     for (int64_t t = 0; t < band.nt; ++t) band.krow[t] = g.rs[r0] + g.dh * t;
 }
@@ -310,9 +314,20 @@ inline bool regular_aligned(const Geo& g, const Lanes& L) {
 }
 
 // f(lo, hi, t, yt) for each key row t of the band: [lo, hi) the band rows whose windows include it, as integral
-// constants; yt its channel c0 in y's plane yp.
-template <int R, class P, class F>
+// constants; yt its channel c0 in y's plane yp. STAIR: the band is a staircase (the caller checked), so the ranges
+// are known at compile time: [0, t + 1) for the first R - 1 key rows, then all rows, then [i, R) for the last R - 1,
+// in one straight sequence with no run-time dispatch per key row (for `weighted_chunk`, whose sums stay in registers
+// across the key rows: after a dispatch GCC spilled and reloaded them).
+template <int R, bool STAIR = false, class P, class F>
 [[gnu::always_inline]] inline void key_rows(const Geo& g, const Band& band, const P& yp, int64_t c0, F&& f) {
+    using Zero = std::integral_constant<int, 0>;
+    using All = std::integral_constant<int, R>;
+    if constexpr (STAIR) {
+        offsets<0, R - 1>([&](auto t) { f(Zero{}, std::integral_constant<int, t + 1>{}, t, yp.at(c0, band.krow[t])); });
+        for (int64_t t = R - 1; t < g.kh; ++t) f(Zero{}, All{}, t, yp.at(c0, band.krow[t]));
+        offsets<1, R>([&](auto i) { f(i, All{}, g.kh - 1 + i, yp.at(c0, band.krow[g.kh - 1 + i])); });
+        return;
+    }
     for (int64_t t = 0; t < band.nt; ++t) {
         const float* yt = yp.at(c0, band.krow[t]);
         int lo, hi;
@@ -350,10 +365,9 @@ inline void dot_pass(int64_t C, const float* const* x, int64_t xs, const float* 
 // pass, its keys by key_of.
 // tr (the forward's, may be null) steps once per channel.
 template <int R, bool U>
-void dots(const Geo& g, int64_t C, const float* const* x0, int64_t xs, const Planes<const float>& y, int64_t bh,
-          const Band& band, const Lanes& L, float* const* S, Trickle* tr, int64_t c0 = 0, bool add = false) {
-    const int64_t ys = y.sc;
-    const auto yp = y.plane(bh);
+void dots(const Geo& g, int64_t C, const float* const* x0, int64_t xs, const Plane& yp, const Band& band,
+          const Lanes& L, float* const* S, Trickle* tr, int64_t c0 = 0, bool add = false) {
+    const int64_t ys = yp.sc;
     const bool aligned = U && regular_aligned(g, L);
     const float* x[R];
     for (int i = 0; i < R; ++i) x[i] = x0[i] + c0 * xs;
@@ -393,15 +407,14 @@ void dots(const Geo& g, int64_t C, const float* const* x0, int64_t xs, const Pla
 // emit(i, c, sum over (a, b) of P_i[a][b] * the lanes' keys of offset (a, b) in y's channel c) for every row i and
 // channel c < C: p v (and dS k in the backward). Each chunk of up to CHUNK channels keeps its sums in registers over
 // all offsets; each key row adds into the rows that use it.
-template <int R, bool U, int NC, class E>
-void weighted_chunk(const Geo& g, int64_t c0, const float* const* P, const Planes<const float>& y, int64_t bh,
-                    const Band& band, const Lanes& L, E&& emit) {
-    const int64_t ys = y.sc;
-    const auto yp = y.plane(bh);
+template <int R, bool U, int NC, bool STAIR, class E>
+void weighted_chunk(const Geo& g, int64_t c0, const float* const* P, const Plane& yp, const Band& band,
+                    const Lanes& L, E&& emit) {
+    const int64_t ys = yp.sc;
     vf acc[R][NC];
     for (int i = 0; i < R; ++i)
         for (int c = 0; c < NC; ++c) acc[i][c] = splat(0.0f);
-    key_rows<R>(g, band, yp, c0, [&](auto lo_, auto hi_, int64_t t, const float* yt) {
+    key_rows<R, STAIR>(g, band, yp, c0, [&](auto lo_, auto hi_, int64_t t, const float* yt) {
         constexpr int LO = decltype(lo_)::value, HI = decltype(hi_)::value;
         const float* pt[R];
         for (int i = LO; i < HI; ++i) pt[i] = P[i] + (t - band.shift[i]) * g.kw * VL;
@@ -418,10 +431,18 @@ void weighted_chunk(const Geo& g, int64_t c0, const float* const* P, const Plane
         for (int c = 0; c < NC; ++c) emit(i, c0 + c, acc[i][c]);
 }
 
+// weighted_chunk for the band's kind (staircase or not).
+template <int R, bool U, int NC, class E>
+void weighted_rows(const Geo& g, int64_t c0, const float* const* P, const Plane& yp, const Band& band, const Lanes& L,
+                   E&& emit) {
+    if (band.staircase) weighted_chunk<R, U, NC, true>(g, c0, P, yp, band, L, emit);
+    else weighted_chunk<R, U, NC, false>(g, c0, P, yp, band, L, emit);
+}
+
 template <int R, bool U, class E>
-void weighted(const Geo& g, int64_t C, const float* const* P, const Planes<const float>& y, int64_t bh,
-              const Band& band, const Lanes& L, E&& emit) {
-    chunks(C, [&](auto nc, int64_t c0) { weighted_chunk<R, U, decltype(nc)::value>(g, c0, P, y, bh, band, L, emit); });
+void weighted(const Geo& g, int64_t C, const float* const* P, const Plane& yp, const Band& band, const Lanes& L,
+              E&& emit) {
+    chunks(C, [&](auto nc, int64_t c0) { weighted_rows<R, U, decltype(nc)::value>(g, c0, P, yp, band, L, emit); });
 }
 
 // The border queries' part of dk, dv for one query row: y(c, krow[a])[start + dw b] += sum over the queries of a
@@ -536,12 +557,11 @@ inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
 // The logits of one column block of the band's R query rows over channels [c0, c0 + C) of q and k, added to S when
 // add (a later chunk of channels).
 template <int R, bool U>
-void block_dots(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, float* const* S,
+void block_dots(const Geo& g, const Plane& qp, const Plane& kp, const Band& band, const Lanes& L, float* const* S,
                 Trickle* tr, int64_t c0, int64_t C, bool add) {
     const float* x[R];
-    const auto qp = X.q.plane(bh);
     for (int i = 0; i < R; ++i) x[i] = qp.at(0, band.r[i]) + L.c0;
-    dots<R, U>(g, C, x, X.q.sc, X.k, bh, band, L, S, tr, c0, add);
+    dots<R, U>(g, C, x, qp.sc, kp, band, L, S, tr, c0, add);
 }
 
 // The block's softmax in place (unnormalised p), its lse stored; inv[i] = 1 / row i's sums.
@@ -571,13 +591,14 @@ void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
     auto rows_of = [&](int64_t i, float** Si) {
         for (int r = 0; r < R; ++r) Si[r] = S + ((i - i0) * R + r) * g.kh * g.kw * VL;
     };
+    const Plane qp = X.q.plane(bh), kp = X.k.plane(bh), vp = X.v.plane(bh);
     for (int64_t c0 = 0; c0 < g.D; c0 += dch) {
         const int64_t C = std::min<int64_t>(dch, g.D - c0);
         for (int64_t i = i0; i < i1; ++i) {
             float* Si[R];
             rows_of(i, Si);
-            if (blocks[i].uniform) block_dots<R, true>(g, X, bh, band, blocks[i], Si, tr, c0, C, c0 > 0);
-            else block_dots<R, false>(g, X, bh, band, blocks[i], Si, tr, c0, C, c0 > 0);
+            if (blocks[i].uniform) block_dots<R, true>(g, qp, kp, band, blocks[i], Si, tr, c0, C, c0 > 0);
+            else block_dots<R, false>(g, qp, kp, band, blocks[i], Si, tr, c0, C, c0 > 0);
         }
     }
     for (int64_t i = i0; i < i1; ++i) {
@@ -594,8 +615,8 @@ void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
             rows_of(i, Si);
             const vf* in = inv + (i - i0) * R;
             auto emit = [&](int r, int64_t c, vf acc) { store_output(g, op, band, L, r, c, acc, in[r]); };
-            if (L.uniform) weighted_chunk<R, true, NC>(g, c0, Si, X.v, bh, band, L, emit);
-            else weighted_chunk<R, false, NC>(g, c0, Si, X.v, bh, band, L, emit);
+            if (L.uniform) weighted_rows<R, true, NC>(g, c0, Si, vp, band, L, emit);
+            else weighted_rows<R, false, NC>(g, c0, Si, vp, band, L, emit);
         }
     });
 }
@@ -625,8 +646,9 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
         P[i] = w[i].P.data();
         dS[i] = w[i].dS.data();
     }
-    dots<R, U>(g, g.D, xq, X.q.sc, X.k, bh, band, L, P, nullptr);
-    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v, bh, band, L, dS, nullptr);  // dp = dO v^T
+    const Plane kp = X.k.plane(bh);
+    dots<R, U>(g, g.D, xq, X.q.sc, kp, band, L, P, nullptr);
+    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v.plane(bh), band, L, dS, nullptr);  // dp = dO v^T
     for (int i = 0; i < R; ++i) {
         const int64_t r = band.r[i];
         const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0) * LOG2E;  // in log2 units
@@ -653,7 +675,7 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
     const float* ds[R];
     for (int i = 0; i < R; ++i) ds[i] = dS[i];
     const auto dqp = X.dq.plane(bh);
-    weighted<R, U>(g, g.D, ds, X.k, bh, band, L, [&](int i, int64_t c, vf acc) {  // dq
+    weighted<R, U>(g, g.D, ds, kp, band, L, [&](int i, int64_t c, vf acc) {  // dq
         float* dq = dqp.at(c, band.r[i]) + c0;
         store(dq, L.active ? acc * g.scale : load(dq));
     });
