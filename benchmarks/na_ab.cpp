@@ -11,7 +11,9 @@
 //   P     planar operands ((heads, d, H, W) each) instead of the module's (H, 3, heads, d, W);
 //   Q, K, O   q / k and v / the output with row stride 0 (one image row, aliased: it stays in the caches);
 //   k, v  k alone / v alone with row stride 0 (which operand's misses cost what);
-//   M<m>  window starts mod m (k and v from a few real rows);   c  everything aliased, streaming mode off.
+//   M<m>  window starts mod m (k and v from a few real rows);   c  everything aliased, streaming mode off;
+//   n     streaming mode off alone (plain output stores);   s<n>  k and v start n floats later (moves the columns
+//         against the cache lines: s4 puts column 12 of every 16 at a line's start).
 // e.g. `/tmp/na_ab 2 128 7 8 64 21 a b aK aP`. Prints each variant's median, quartiles and GFLOP/s on useful FLOPs.
 #include <unistd.h>  // before the namespaces below, so that the kernel's own include of it is a no-op
 
@@ -51,9 +53,9 @@ typedef int (*Forward)(const int64_t*, const int64_t*, void* const*, float, cons
 struct Variant {
     std::string name;
     Forward forward;
-    int64_t pad = 0, row_pad = 0, mod = 0;
+    int64_t pad = 0, row_pad = 0, mod = 0, shift = 0;
     bool planar = false, alias_q = false, alias_kv = false, alias_k = false, alias_v = false, alias_out = false;
-    bool cached = false;
+    bool cached = false, no_stream = false;
     std::vector<float, Aligned<float>> qkv, out;
     std::vector<double> times;
 };
@@ -74,6 +76,7 @@ Variant parse(const char* spec) {
             case 'p': v.pad = n; s = end; break;
             case 'r': v.row_pad = n; s = end; break;
             case 'M': v.mod = n; s = end; break;
+            case 's': v.shift = n; s = end; break;
             case 'P': v.planar = true; break;
             case 'Q': v.alias_q = true; break;
             case 'K': v.alias_kv = true; break;
@@ -81,6 +84,7 @@ Variant parse(const char* spec) {
             case 'v': v.alias_v = true; break;
             case 'O': v.alias_out = true; break;
             case 'c': v.cached = true; break;
+            case 'n': v.no_stream = true; break;
             default: std::fprintf(stderr, "variant %s: unknown option %c\n", spec, o); std::exit(2);
         }
     }
@@ -101,7 +105,7 @@ int main(int argc, char** argv) {
     std::vector<float, Aligned<float>> lse(heads * h * n);
     for (Variant& v : vars) {
         const int64_t ld = n + v.pad;
-        v.qkv.resize(h * (3 * heads * d * ld + v.row_pad));
+        v.qkv.resize(h * (3 * heads * d * ld + v.row_pad) + v.shift);
         v.out.resize(h * (heads * d * ld + v.row_pad));
         for (size_t i = 0; i < v.qkv.size(); ++i) v.qkv[i] = float((i * 2654435761u) % 1000) * 0.002f - 1.0f;
     }
@@ -116,17 +120,18 @@ int main(int argc, char** argv) {
             // strides (batch, head, channel, row) of q, k, v and the output
             int64_t st[20] = {0, d * ld, ld, row, 0, d * ld, ld, row, 0, d * ld, ld, row,
                               0, d * ld, ld, heads * d * ld + v.row_pad, 0, 0, 0, 0};
-            void* ptrs[5] = {q, q + heads * d * ld, q + 2 * heads * d * ld, v.out.data(), lse.data()};
+            float* kv = q + v.shift;  // k and v, moved by `s`
+            void* ptrs[5] = {q, kv + heads * d * ld, kv + 2 * heads * d * ld, v.out.data(), lse.data()};
             if (v.planar) {
                 for (int o = 0; o < 4; ++o) st[4 * o + 1] = d * h * ld, st[4 * o + 2] = h * ld, st[4 * o + 3] = ld;
-                ptrs[1] = q + heads * d * h * ld, ptrs[2] = q + 2 * heads * d * h * ld;
+                ptrs[1] = kv + heads * d * h * ld, ptrs[2] = kv + 2 * heads * d * h * ld;
             }
             if (v.alias_q || v.cached) st[3] = 0;
             if (v.alias_kv || v.cached) st[7] = st[11] = 0;
             if (v.alias_k) st[7] = 0;
             if (v.alias_v) st[11] = 0;
             if (v.alias_out || v.cached) st[15] = 0;
-            int64_t sizes[11] = {heads, d, d, h, n, k, k, 1, 1, heads, v.cached ? 0 : 1};
+            int64_t sizes[11] = {heads, d, d, h, n, k, k, 1, 1, heads, v.cached || v.no_stream ? 0 : 1};
             v.times.push_back(median_seconds(1, 3, [&] {
                 v.forward(sizes, st, ptrs, 0.125f, rows.data(), cols.data(), threads);
             }));
