@@ -347,8 +347,9 @@ inline void softmax_rows(int64_t K, const AT& A, int64_t i, const float* kt, int
         const float m = hmax(top);
         vf sum = splat(0.0f);
         if (m != -INFINITY) {  // else the query sees no key: p = 0, lse = -inf
+            const float m2 = m * LOG2E;
             for (int v = 0; v < NV; ++v) {
-                c[r][v] = vexp(c[r][v] - m);
+                c[r][v] = vexp2(c[r][v] * LOG2E - m2);  // exp(c - m); masked logits (-inf) give 0
                 sum += c[r][v];
             }
         }
@@ -456,11 +457,11 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
                     float* s = w.S.data() + i * tkp;
                     vf mv = splat(-INFINITY);
                     for (int64_t j = k.j0; j < k.j1; j += VL) mv = vmax(mv, load(s + j));
-                    const float m = hmax(mv) * sc;
+                    const float m = hmax(mv) * sc, sc2 = sc * LOG2E;
                     vf sum = splat(0.0f);
-                    const vf mm = splat(m);
+                    const vf mm = splat(m * LOG2E);
                     for (int64_t j = k.j0; j < k.j1; j += VL) {  // m = -inf: the query sees no key, p = 0
-                        const vf e = m == -INFINITY ? splat(0.0f) : vexp(load(s + j) * sc - mm);
+                        const vf e = m == -INFINITY ? splat(0.0f) : vexp2(load(s + j) * sc2 - mm);
                         store(s + j, e);
                         sum += e;
                     }
@@ -532,8 +533,9 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
                         if (lse == -INFINITY || !valid(P, t, i)) {  // padding slots (copies of a real query): none
                             for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, splat(0.0f));
                         } else {
-                            const vf l = splat(lse);
-                            for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, vexp(load(s + j) * sc - l));
+                            const vf l = splat(lse * LOG2E);
+                            const float sc2 = sc * LOG2E;
+                            for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, vexp2(load(s + j) * sc2 - l));
                         }
                         const float dd = dot(w.dor[i], P.out.row(b, t, h, i, P.tq), P.dv);
                         w.delta[i] = P.dlse.p ? dd - *P.dlse.row(b, t, h, i, P.tq) : dd;  // d lse / d s = p

@@ -59,37 +59,16 @@ constexpr vi lanes() { return lanes(std::make_index_sequence<VL>{}); }
 inline int64_t round_up(int64_t n) { return (n + VL - 1) / VL * VL; }
 constexpr float LOG2E = 1.44269504088896341f;
 
-// exp(x) for a vector: 2^n * e^f with n = round(x log2 e), |f| <= ln2 / 2, e^f by its degree-6 Taylor polynomial
-// (relative error below 2e-7). Inputs below -87.3 (including -inf) give exactly 0; softmax never passes x > 0.
-inline vf vexp(vf x) {
-    const vf lo = splat(-87.3f);
-    vi zero = x < lo;
-    x = zero ? lo : x;
-    const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer
-    vf n = (x * LOG2E + magic) - magic;
-    vf f = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // ln 2 split in two for accuracy
-    vf p = splat(1.0f / 720);
-    p = p * f + 1.0f / 120;
-    p = p * f + 1.0f / 24;
-    p = p * f + 1.0f / 6;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf scale;
-    std::memcpy(&scale, &e, sizeof scale);
-    p = p * scale;
-    return zero ? splat(0.0f) : p;
-}
-
-// 2^t for a vector of t <= 0, for a softmax whose logits are never -inf (t below -126 is taken as -126: 2^-126, not
-// 0): 2^n 2^f with n = round(t), |f| <= 1/2, 2^f by a degree-5 polynomial fitted to it on the relative error (at most
-// 1.6e-7 in fp32, measured over [-126, 0]). 12 operations where vexp takes 19: the logits' scale and log2 e fold into
-// the one FMA that forms t, there is no ln 2 split, and n's exponent bits come from the rounding sum itself. On a
-// Zen 1 (session 14) 18 cycles per vector against vexp's 25, most of the neighbourhood forward's softmax.
+// 2^t for a vector of t <= 0 (the softmaxes' exponent in log2 units: the logits' scale times log2 e folds into the
+// FMA that forms t): 2^n 2^f with n = round(t), |f| <= 1/2, 2^f by a degree-5 polynomial fitted to it on the
+// relative error (at most 1.6e-7 in fp32, measured over [-126, 0]). t below -126 (2^t below the smallest normal
+// float), -inf included, gives exactly 0, as exp does with subnormals flushed: the tile kernel's masked logits rely
+// on it. 14 operations where the natural-base exp with a split ln 2 took 19; on a Zen 1 (session 14) 18 cycles per
+// vector against 25 (measured before the zero select).
 inline vf vexp2(vf t) {
     const vf lo = splat(-126.0f);
-    t = t < lo ? lo : t;  // NaN stays NaN
+    const vi under = t < lo;
+    t = under ? lo : t;  // NaN stays NaN
     const vf magic = splat(12582912.0f);  // 1.5 * 2^23: r's low mantissa bits are round(t)
     const vf r = t + magic, f = t - (r - magic);
     vf p = splat(1.321867730e-03f);
@@ -103,7 +82,7 @@ inline vf vexp2(vf t) {
     e = (e << 23) + (127 << 23);  // 2^round(t): r's bits above the mantissa's low 9 shift out
     vf scale;
     std::memcpy(&scale, &e, sizeof scale);
-    return p * scale;
+    return under ? splat(0.0f) : p * scale;
 }
 
 // log(x) for a vector of positive normal floats: x = 2^e m with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(t),
