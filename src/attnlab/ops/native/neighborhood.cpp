@@ -637,7 +637,8 @@ template <int R, bool U>
 void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Lanes& L, RowWork* w) {
     const int64_t c0 = L.c0, n = g.kh * g.kw;
     const float log2_scale = g.scale * LOG2E;  // p = 2^(log2_scale s - lse log2 e)
-    const auto qp = X.q.plane(bh), dop = X.dout.plane(bh), outp = X.out.plane(bh);
+    const auto qp = X.q.plane(bh), kp = X.k.plane(bh), vp = X.v.plane(bh), dop = X.dout.plane(bh),
+               outp = X.out.plane(bh);
     const float *xq[R], *xdo[R];
     float *P[R], *dS[R];
     for (int i = 0; i < R; ++i) {
@@ -646,9 +647,8 @@ void block_backward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
         P[i] = w[i].P.data();
         dS[i] = w[i].dS.data();
     }
-    const Plane kp = X.k.plane(bh);
     dots<R, U>(g, g.D, xq, X.q.sc, kp, band, L, P, nullptr);
-    dots<R, U>(g, g.Dv, xdo, X.dout.sc, X.v.plane(bh), band, L, dS, nullptr);  // dp = dO v^T
+    dots<R, U>(g, g.Dv, xdo, X.dout.sc, vp, band, L, dS, nullptr);  // dp = dO v^T
     for (int i = 0; i < R; ++i) {
         const int64_t r = band.r[i];
         const vf lse = load(X.lse_saved + (bh * g.H + r) * g.W + c0) * LOG2E;  // in log2 units

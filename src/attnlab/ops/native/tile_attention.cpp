@@ -403,7 +403,7 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
     Work w(P, false);
     const int64_t tkp = round_up(P.tk), dvp = round_up(P.dv);
     const int64_t group = P.hq / P.hkv;
-    const float sc = pending_scale(P);
+    const float sc = pending_scale(P), sc2 = sc * LOG2E;  // sc2: for vexp2, exponents in log2 units
     std::vector<const float*> next(std::max(P.tq, P.tk));
     std::vector<Block> blocks;
     // key columns in one register block, and a mask whose rows can be read by whole vectors
@@ -457,7 +457,7 @@ void forward_range(const Problem& P, int64_t begin, int64_t end) {
                     float* s = w.S.data() + i * tkp;
                     vf mv = splat(-INFINITY);
                     for (int64_t j = k.j0; j < k.j1; j += VL) mv = vmax(mv, load(s + j));
-                    const float m = hmax(mv) * sc, sc2 = sc * LOG2E;
+                    const float m = hmax(mv) * sc;
                     vf sum = splat(0.0f);
                     const vf mm = splat(m * LOG2E);
                     for (int64_t j = k.j0; j < k.j1; j += VL) {  // m = -inf: the query sees no key, p = 0
@@ -497,7 +497,7 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
     std::vector<Block> blocks;
     const int64_t tkp = round_up(P.tk), tqp = round_up(P.tq), dp = round_up(P.d), dvp = round_up(P.dv);
     const int64_t group = P.hq / P.hkv;
-    const float sc = pending_scale(P);
+    const float sc2 = pending_scale(P) * LOG2E;  // for vexp2: exponents in log2 units
     for (int64_t it = begin; it < end; ++it) {
         const int64_t b = it / P.hkv, hk = it % P.hkv;
         for (int64_t t = 0; t < P.T; ++t) {
@@ -534,7 +534,6 @@ void backward_range(const Problem& P, int64_t begin, int64_t end) {
                             for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, splat(0.0f));
                         } else {
                             const vf l = splat(lse * LOG2E);
-                            const float sc2 = sc * LOG2E;
                             for (int64_t j = k.j0; j < k.j1; j += VL) store(s + j, vexp2(load(s + j) * sc2 - l));
                         }
                         const float dd = dot(w.dor[i], P.out.row(b, t, h, i, P.tq), P.dv);
