@@ -49,6 +49,11 @@ def timed(fn, repeats: int) -> tuple[float, float, float]:
     return statistics.median(ts), min(ts), max(ts)
 
 
+def pct(x: float) -> str:
+    """x as a percentage, or '-' where it does not apply (NaN: a core without SDPA tiles has no tiling ceiling)."""
+    return "-" if x != x else f"{x:.0%}"
+
+
 def cpu() -> float:
     return statistics.median(CPU)
 
@@ -278,8 +283,8 @@ def main() -> None:
                 _, c_tiles, computed = ceiling(pieces, args.repeats)
                 useful, tile_rate = flops / computed, computed / c_tiles / 1e9 / statistics.median(r[1] for r in ref)
             med_m, _, _ = timed(lambda: m(x, causal=causal, hw=grid), max(1, args.repeats // 2))
-            print(f"{id:28s} {cfg:36s} {core_ms:8.1f} {rate:5.1f} {ratio:7.0%} {ratio_cpu:5.0%} {useful:6.0%} "
-                  f"{tile_rate:5.0%} {useful * tile_rate:7.0%} {med_m * 1e3:9.1f}")
+            print(f"{id:28s} {cfg:36s} {core_ms:8.1f} {rate:5.1f} {ratio:7.0%} {ratio_cpu:5.0%} {pct(useful):>6s} "
+                  f"{pct(tile_rate):>5s} {pct(useful * tile_rate):>7s} {med_m * 1e3:9.1f}")
 
     if args.no_na_side:
         return
