@@ -10,7 +10,8 @@
 // offset (a, b) of those VL queries is VL consecutive floats of one key row, so logits, softmax and the weighted sum
 // of values are vertical vector operations over the lanes: no masked logits, no transposes, no horizontal sums. In
 // blocks whose windows touch a border (lanes then share key columns) the keys are permuted into the lanes from one or
-// two loads.
+// two loads; the forward reads the border blocks of a centred kernel as regular ones instead, from a copy of their
+// columns wrapped around the border (Wrapped).
 //
 // The backward recomputes p from the saved log-sum-exp (as the tile kernel does) and gets dq per block like the
 // forward's output. dk and dv are gathered per key instead of scattered per query: a "regular" query (window start
@@ -65,6 +66,7 @@ struct Lanes {
     // is column wbase + span[b][j], so one pair of loads per key row serves every offset.
     int64_t wbase;
     std::vector<vi> span;
+    int wrap = -1;  // otherwise: its index among the row's wrapped blocks (Columns::wrapped), or -1
     vi active;     // -1 where lane j is this block's query (a row's last block repeats earlier columns when VL does
                    // not divide W: those lanes are computed again but not counted twice in the backward)
     vi gathered;   // -1 where lane j is active and regular: its dk, dv contributions are gathered per key
@@ -72,11 +74,63 @@ struct Lanes {
     std::vector<std::pair<int, int64_t>> border;
 };
 
+// A wrapped block: a border block of a centred kernel with dilation 1 (lane j's window starts at
+// clamp(c - centre, 0, W - kw), c its column), in the forward. Its lanes read keys as a regular block's do, columns
+// c - centre + b for b < kw, from a copy of its columns [c0 - centre, c0 - centre + nvec VL) in which a column x < 0
+// holds column x + kw and x >= W holds x - kw. A lane clamped at the left border (c < centre) then reads columns
+// [0, c - centre + kw) as they are and [c - centre, 0) as [c - centre + kw, kw): together its window [0, kw), each
+// key once, in another order of b; at the right border likewise. Its logits, softmax and weighted sum run over the
+// same keys and values in the same order, so its output and log-sum-exp are its window's, with no permute per key
+// load (one or two vpermps each made a border block twice the time of a regular one on a Zen 1, 8% of k = 7's
+// forward; session 17). The backward keeps the permutes: its dk and dv sums need p in window order.
+struct Wrapped {
+    Lanes view;  // the block as a regular one reading the copy: uniform, base 0, wrap set
+    // vector i of a key row's copy: lanes `index` of load(row + from) (and of load(row + from + VL) when `two`)
+    struct Piece {
+        int64_t from;
+        vi index;
+        bool plain, two;  // plain: index is 0, 1, ..., VL - 1 (a load)
+    };
+    std::vector<Piece> pieces;
+};
+
+// The block as a wrapped one (see Wrapped), or false: the lanes' starts are not the centred kernel's, or a piece of
+// the copy would need keys from more than two vectors (kernels wider than about VL).
+bool wrap_block(const Geo& g, const Lanes& L, int index, Wrapped& w) {
+    if (g.dw != 1 || g.W < 2 * VL) return false;
+    for (int j = 0; j < VL; ++j)
+        if (g.cs[L.c0 + j] != std::clamp<int64_t>(L.c0 + j - g.centre(), 0, g.W - g.kw)) return false;
+    const int64_t x0 = L.c0 - g.centre(), nvec = (VL + g.kw - 1 + VL - 1) / VL;
+    w.pieces.clear();
+    for (int64_t i = 0; i < nvec; ++i) {
+        int64_t src[VL], lo = g.W, hi = -1;
+        for (int l = 0; l < VL; ++l) {
+            const int64_t x = x0 + i * VL + l;  // lanes past the last column read are never used: any column will do
+            src[l] = std::clamp<int64_t>(x < 0 ? x + g.kw : x >= g.W ? x - g.kw : x, 0, g.W - 1);
+            lo = std::min(lo, src[l]), hi = std::max(hi, src[l]);
+        }
+        Wrapped::Piece p{std::min(lo, g.W - 2 * VL), vi{}, true, false};
+        if (hi - p.from >= 2 * VL) return false;
+        for (int l = 0; l < VL; ++l) {
+            p.index[l] = int32_t(src[l] - p.from);
+            p.plain = p.plain && p.index[l] == l;
+            p.two = p.two || p.index[l] >= VL;
+        }
+        w.pieces.push_back(p);
+    }
+    w.view = L;
+    w.view.uniform = true;
+    w.view.base = 0;
+    w.view.wrap = index;
+    return true;
+}
+
 // The column blocks of a row, and its border queries (active, not regular), in column order; runs of them share a
 // window start (the queries whose window was clamped at a border): run i is [runs[i], runs[i + 1]).
 struct Columns {
     std::vector<Lanes> blocks;
     std::vector<int64_t> border, runs;
+    std::vector<Wrapped> wrapped;  // the wrapped blocks (Lanes::wrap indexes them)
 };
 
 // The columns of a row; false when the kernel cannot take this geometry (W < VL, or a border block whose window
@@ -86,6 +140,7 @@ bool column_blocks(const Geo& g, Columns& cols) {
     out.clear();
     cols.border.clear();
     cols.runs.clear();
+    cols.wrapped.clear();
     if (g.W < VL) return false;
     const int64_t reach = g.reach();
     for (int64_t next = 0; next < g.W; next += VL) {
@@ -122,6 +177,11 @@ bool column_blocks(const Geo& g, Columns& cols) {
             }
             if (hi - L.wbase + reach < 2 * VL)
                 for (int64_t b = 0; b < g.kw; ++b) L.span.push_back(L.slot + (int32_t)(L.base - L.wbase + g.dw * b));
+            Wrapped w;
+            if (wrap_block(g, L, (int)cols.wrapped.size(), w)) {
+                L.wrap = w.view.wrap;
+                cols.wrapped.push_back(std::move(w));
+            }
         }
         out.push_back(std::move(L));
     }
@@ -310,7 +370,7 @@ inline bool with_regular_kw(int64_t kw, F&& f) {
 }
 
 inline bool regular_aligned(const Geo& g, const Lanes& L) {
-    return g.dw == 1 && L.c0 % VL == 0 && L.c0 >= VL && L.c0 + 2 * VL <= g.W;
+    return g.dw == 1 && L.wrap < 0 && L.c0 % VL == 0 && L.c0 >= VL && L.c0 + 2 * VL <= g.W;
 }
 
 // f(lo, hi, t, yt) for each key row t of the band: [lo, hi) the band rows whose windows include it, as integral
@@ -581,23 +641,78 @@ inline void store_output(const Geo& g, const Planes<float>::Plane& op, const Ban
     else store(o, acc * inv);
 }
 
+// The wrapped blocks' copies of the key rows of k and v (see Wrapped), kept per key row while the bands that read it
+// pass: a direct-mapped ring, slot = row mod `slots`, each (slot, wrapped block) tagged with the (plane, row) it
+// holds, so that a key row's copies are made once, not once per band (3 times at k = 7: that cost half the gain).
+// slots = dh (kh + MAXR) keeps a band's rows in distinct slots.
+struct WrapRing {
+    int64_t slots = 0, nvec = 0, per = 0;  // per: floats of one (slot, wrapped block): D + Dv channels of nvec vectors
+    std::vector<int64_t> tag;               // (slot, wrapped block): bh H + row, or -1
+    std::vector<float> data;
+    Band local;                             // the band with its key rows replaced by their slots
+
+    WrapRing(const Geo& g, const Columns& cols)
+        : slots(g.dh * (g.kh + MAXR)), nvec(cols.wrapped.empty() ? 0 : (int64_t)cols.wrapped[0].pieces.size()),
+          per((g.D + g.Dv) * nvec * VL), tag(slots * cols.wrapped.size(), -1), data(tag.size() * per) {}
+
+    // The copies of plane bh's key rows of the band for the wrapped blocks among blocks [i0, i1), made where missing;
+    // `local` then holds the band with slots for rows.
+    void fill(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Columns& cols, int64_t i0,
+              int64_t i1) {
+        const int64_t nw = (int64_t)cols.wrapped.size();
+        const Plane kp = X.k.plane(bh), vp = X.v.plane(bh);
+        local = band;
+        for (int64_t t = 0; t < band.nt; ++t) {
+            const int64_t row = band.krow[t], slot = row % slots;
+            local.krow[t] = slot;
+            for (int64_t i = i0; i < i1; ++i) {
+                const int wi = cols.blocks[i].wrap;
+                if (wi < 0 || tag[slot * nw + wi] == bh * g.H + row) continue;
+                tag[slot * nw + wi] = bh * g.H + row;
+                const std::vector<Wrapped::Piece>& pieces = cols.wrapped[wi].pieces;
+                float* d = data.data() + (slot * nw + wi) * per;
+                for (int64_t c = 0; c < g.D + g.Dv; ++c, d += nvec * VL) {
+                    const float* r = c < g.D ? kp.at(c, row) : vp.at(c - g.D, row);
+                    for (int64_t j = 0; j < nvec; ++j) {
+                        const Wrapped::Piece& p = pieces[j];
+                        const vf a = load(r + p.from);
+                        store(d + j * VL, p.plain ? a
+                                          : p.two ? __builtin_shuffle(a, load(r + p.from + VL), p.index)
+                                                  : __builtin_shuffle(a, p.index));
+                    }
+                }
+            }
+        }
+    }
+    // Wrapped block wi's copies of k (v: its channels after k's) as a plane addressed by (channel, slot).
+    Plane plane(const Geo& g, int64_t wi, bool v) const {
+        const int64_t nw = (int64_t)tag.size() / slots;
+        return Plane{data.data() + wi * per + (v ? g.D * nvec * VL : 0), nvec * VL, nw * per};
+    }
+};
+
 // Forward of the band's column blocks [i0, i1): the logits of every block a chunk of dch q and k channels at a time,
 // their softmax, then their outputs a chunk of v channels at a time. One block with dch = D is the per-block order;
 // all of a band's blocks the band order (NA_BAND: a v chunk's key rows stay in L1 across the blocks).
 // S: R kh kw vectors per block (block i0 + j's row r at (j R + r) kh kw VL); inv: R per block.
 template <int R>
-void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const std::vector<Lanes>& blocks,
-                    int64_t i0, int64_t i1, int64_t dch, float* S, vf* inv, Trickle* tr) {
+void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Columns& cols, int64_t i0,
+                    int64_t i1, int64_t dch, float* S, vf* inv, Trickle* tr, WrapRing& ring) {
     auto rows_of = [&](int64_t i, float** Si) {
         for (int r = 0; r < R; ++r) Si[r] = S + ((i - i0) * R + r) * g.kh * g.kw * VL;
     };
+    const std::vector<Lanes>& blocks = cols.blocks;
     const Plane qp = X.q.plane(bh), kp = X.k.plane(bh), vp = X.v.plane(bh);
+    if (!cols.wrapped.empty()) ring.fill(g, X, bh, band, cols, i0, i1);
     for (int64_t c0 = 0; c0 < g.D; c0 += dch) {
         const int64_t C = std::min<int64_t>(dch, g.D - c0);
         for (int64_t i = i0; i < i1; ++i) {
             float* Si[R];
             rows_of(i, Si);
-            if (blocks[i].uniform) block_dots<R, true>(g, qp, kp, band, blocks[i], Si, tr, c0, C, c0 > 0);
+            if (const int w = blocks[i].wrap; w >= 0)
+                block_dots<R, true>(g, qp, ring.plane(g, w, false), ring.local, cols.wrapped[w].view, Si, nullptr, c0,
+                                    C, c0 > 0);
+            else if (blocks[i].uniform) block_dots<R, true>(g, qp, kp, band, blocks[i], Si, tr, c0, C, c0 > 0);
             else block_dots<R, false>(g, qp, kp, band, blocks[i], Si, tr, c0, C, c0 > 0);
         }
     }
@@ -615,7 +730,10 @@ void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
             rows_of(i, Si);
             const vf* in = inv + (i - i0) * R;
             auto emit = [&](int r, int64_t c, vf acc) { store_output(g, op, band, L, r, c, acc, in[r]); };
-            if (L.uniform) weighted_rows<R, true, NC>(g, c0, Si, vp, band, L, emit);
+            if (L.wrap >= 0)
+                weighted_rows<R, true, NC>(g, c0, Si, ring.plane(g, L.wrap, true), ring.local, cols.wrapped[L.wrap].view,
+                                           emit);
+            else if (L.uniform) weighted_rows<R, true, NC>(g, c0, Si, vp, band, L, emit);
             else weighted_rows<R, false, NC>(g, c0, Si, vp, band, L, emit);
         }
     });
@@ -802,6 +920,7 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
         std::vector<vf> inv(group * MAXR);
         Band band, next;
         Trickle tr;
+        WrapRing ring(g, cols);
         for (int64_t it = begin; it < end; ++it) {
             const int64_t part = it % parts, k = it / parts % nbands, bh = it / parts / nbands;
             const int R = bands[k].second;
@@ -815,9 +934,9 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
             const int64_t i0 = nb * part / parts, i1 = nb * (part + 1) / parts;
             for (int64_t i = i0; i < i1; i += group)
                 with_rows(R, [&](auto rows) {
-                    blocks_forward<decltype(rows)::value>(g, X, bh, band, blocks, i, std::min(i1, i + group),
+                    blocks_forward<decltype(rows)::value>(g, X, bh, band, cols, i, std::min(i1, i + group),
                                                           band_order ? NA_DCH : g.D, S.data(), inv.data(),
-                                                          ahead ? &tr : nullptr);
+                                                          ahead ? &tr : nullptr, ring);
                 });
         }
         if (g.stream) stream_fence();  // the output's non-temporal stores, before the caller reads it
