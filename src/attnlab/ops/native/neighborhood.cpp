@@ -720,8 +720,8 @@ void blocks_forward(const Geo& g, const Operands& X, int64_t bh, const Band& ban
             float* Si[R];
             rows_of(i, Si);
             if (const int w = blocks[i].wrap; w >= 0)
-                block_dots<R, true>(g, qp, ring.plane(g, w, false), ring.local, cols.wrapped[w].view, Si, nullptr, c0,
-                                    C, c0 > 0);
+                block_dots<R, true>(g, qp, ring.plane(g, w, false), ring.local, cols.wrapped[w].view, Si, tr, c0, C,
+                                    c0 > 0);
             else if (blocks[i].uniform) block_dots<R, true>(g, qp, kp, band, blocks[i], Si, tr, c0, C, c0 > 0);
             else block_dots<R, false>(g, qp, kp, band, blocks[i], Si, tr, c0, C, c0 > 0);
         }
