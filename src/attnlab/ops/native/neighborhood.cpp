@@ -92,6 +92,7 @@ struct Wrapped {
         bool plain, two;  // plain: index is 0, 1, ..., VL - 1 (a load)
     };
     std::vector<Piece> pieces;
+    int64_t lo, hi;  // the columns the pieces load: [lo, hi)
 };
 
 // The block as a wrapped one (see Wrapped), or false: the lanes' starts are not the centred kernel's, or a piece of
@@ -102,6 +103,7 @@ bool wrap_block(const Geo& g, const Lanes& L, int index, Wrapped& w) {
         if (g.cs[L.c0 + j] != std::clamp<int64_t>(L.c0 + j - g.centre(), 0, g.W - g.kw)) return false;
     const int64_t x0 = L.c0 - g.centre(), nvec = (VL + g.kw - 1 + VL - 1) / VL;
     w.pieces.clear();
+    w.lo = g.W, w.hi = 0;
     for (int64_t i = 0; i < nvec; ++i) {
         int64_t src[VL], lo = g.W, hi = -1;
         for (int l = 0; l < VL; ++l) {
@@ -116,6 +118,7 @@ bool wrap_block(const Geo& g, const Lanes& L, int index, Wrapped& w) {
             p.plain = p.plain && p.index[l] == l;
             p.two = p.two || p.index[l] >= VL;
         }
+        w.lo = std::min(w.lo, p.from), w.hi = std::max(w.hi, p.from + (p.two ? 2 : 1) * VL);
         w.pieces.push_back(p);
     }
     w.view = L;
@@ -660,6 +663,8 @@ struct WrapRing {
     void fill(const Geo& g, const Operands& X, int64_t bh, const Band& band, const Columns& cols, int64_t i0,
               int64_t i1) {
         const int64_t nw = (int64_t)cols.wrapped.size();
+        auto wrapped = [](const Lanes& L) { return L.wrap >= 0; };
+        if (std::none_of(cols.blocks.begin() + i0, cols.blocks.begin() + i1, wrapped)) return;  // (1-D: a call a block)
         const Plane kp = X.k.plane(bh), vp = X.v.plane(bh);
         local = band;
         for (int64_t t = 0; t < band.nt; ++t) {
@@ -669,18 +674,16 @@ struct WrapRing {
                 const int wi = cols.blocks[i].wrap;
                 if (wi < 0 || tag[slot * nw + wi] == bh * g.H + row) continue;
                 tag[slot * nw + wi] = bh * g.H + row;
-                const std::vector<Wrapped::Piece>& pieces = cols.wrapped[wi].pieces;
+                const Wrapped& w = cols.wrapped[wi];
                 float* d = data.data() + (slot * nw + wi) * per;
                 auto src = [&](int64_t c) { return c < g.D ? kp.at(c, row) : vp.at(c - g.D, row); };
                 for (int64_t c = 0; c < g.D + g.Dv; ++c, d += nvec * VL) {
                     const float* r = src(c);
                     // the first reads of a new key row's border lines: prefetched 8 channels ahead (the loads had
                     // stalled on them, a third of the copies' time on a Zen 1)
-                    if (c + 8 < g.D + g.Dv)
-                        for (const Wrapped::Piece& p : pieces)
-                            __builtin_prefetch(src(c + 8) + p.from), __builtin_prefetch(src(c + 8) + p.from + VL - 1);
+                    if (c + 8 < g.D + g.Dv) prefetch_span(src(c + 8) + w.lo, w.hi - w.lo);
                     for (int64_t j = 0; j < nvec; ++j) {
-                        const Wrapped::Piece& p = pieces[j];
+                        const Wrapped::Piece& p = w.pieces[j];
                         const vf a = load(r + p.from);
                         store(d + j * VL, p.plain ? a
                                           : p.two ? __builtin_shuffle(a, load(r + p.from + VL), p.index)
