@@ -600,8 +600,9 @@ struct Operands {
     const float* lse_saved;  // read by the backward
 };
 
-// The softmax of VL queries' n logits (n vectors at S, every query sees n keys): unnormalised p in place, the
-// log-sum-exp stored at lse; returns 1 / the sums. p = 2^((s - max) scale log2 e), the scale folded into one FMA.
+// The softmax of VL queries' n logits (n vectors at S, every query sees n keys; S vector-aligned): unnormalised p in
+// place, the log-sum-exp stored at lse; returns 1 / the sums. p = 2^((s - max) scale log2 e), the scale folded into
+// one FMA.
 inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
     vf m = load(S);
     for (int64_t j = 1; j < n; ++j) m = vmax(m, load(S + j * VL));
@@ -610,7 +611,7 @@ inline vf softmax_lanes(float* S, int64_t n, float scale, float* lse) {
     vf sum = splat(0.0f);
     for (int64_t j = 0; j < n; ++j) {
         const vf e = vexp2(load(S + j * VL) * log2_scale - mc);
-        store(S + j * VL, e);
+        store_aligned(S + j * VL, e);
         sum += e;
     }
     store(lse, m * scale + vlog(sum));
@@ -674,22 +675,27 @@ struct WrapRing {
                 const int wi = cols.blocks[i].wrap;
                 if (wi < 0 || tag[slot * nw + wi] == bh * g.H + row) continue;
                 tag[slot * nw + wi] = bh * g.H + row;
-                const Wrapped& w = cols.wrapped[wi];
                 float* d = data.data() + (slot * nw + wi) * per;
-                auto src = [&](int64_t c) { return c < g.D ? kp.at(c, row) : vp.at(c - g.D, row); };
-                for (int64_t c = 0; c < g.D + g.Dv; ++c, d += nvec * VL) {
-                    const float* r = src(c);
-                    // the first reads of a new key row's border lines: prefetched 8 channels ahead (the loads had
-                    // stalled on them, a third of the copies' time on a Zen 1)
-                    if (c + 8 < g.D + g.Dv) prefetch_span(src(c + 8) + w.lo, w.hi - w.lo);
-                    for (int64_t j = 0; j < nvec; ++j) {
-                        const Wrapped::Piece& p = w.pieces[j];
-                        const vf a = load(r + p.from);
-                        store(d + j * VL, p.plain ? a
-                                          : p.two ? __builtin_shuffle(a, load(r + p.from + VL), p.index)
-                                                  : __builtin_shuffle(a, p.index));
-                    }
-                }
+                copy(cols.wrapped[wi], kp.at(0, row), kp.sc, g.D, d);
+                copy(cols.wrapped[wi], vp.at(0, row), vp.sc, g.Dv, d + g.D * nvec * VL);
+            }
+        }
+    }
+    // Wrapped block w's copies of C channels of a key row (row: its channel 0, sc: the channel stride) to d, a piece
+    // at a time: each loop over the channels does one kind of load (a branch per vector had cost a third of the
+    // copies' time in cache on a Zen 1, session 18). The first reads of a new key row's border lines are prefetched
+    // 8 channels ahead (the loads had stalled on them, a third of the copies' time on a Zen 1, session 17).
+    void copy(const Wrapped& w, const float* row, int64_t sc, int64_t C, float* d) const {
+        for (int64_t c = 0; c < std::min<int64_t>(C, 8); ++c) prefetch_span(row + c * sc + w.lo, w.hi - w.lo);
+        for (int64_t j = 0; j < nvec; ++j) {
+            const Wrapped::Piece& p = w.pieces[j];
+            const float* r = row + p.from;
+            float* o = d + j * VL;
+            for (int64_t c = 0; c < C; ++c, r += sc, o += nvec * VL) {
+                if (j == 0 && c + 8 < C) prefetch_span(row + (c + 8) * sc + w.lo, w.hi - w.lo);
+                if (p.plain) store(o, load(r));
+                else if (p.two) store(o, __builtin_shuffle(load(r), load(r + VL), p.index));
+                else store(o, __builtin_shuffle(load(r), p.index));
             }
         }
     }
@@ -942,7 +948,8 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
     const bool band_order = NA_BAND && g.H > 1;
     parallel(g.BH * nbands * parts, threads, [&](int64_t begin, int64_t end) {
         const int64_t group = band_order ? nb : 1;  // blocks per blocks_forward call
-        std::vector<float> S(group * MAXR * g.kh * g.kw * VL, 0.0f);
+        std::vector<vf> Sv(group * MAXR * g.kh * g.kw);  // vector-aligned (softmax_lanes)
+        float* const S = reinterpret_cast<float*>(Sv.data());
         std::vector<vf> inv(group * MAXR);
         Band band, next;
         Trickle tr;
@@ -963,7 +970,7 @@ int attnlab_na_forward(const int64_t* sizes, const int64_t* strides, void* const
             for (int64_t i = i0; i < i1; i += group)
                 with_rows(R, [&](auto rows) {
                     blocks_forward<decltype(rows)::value>(g, X, bh, band, cols, i, std::min(i1, i + group),
-                                                          band_order ? NA_DCH : g.D, S.data(), inv.data(),
+                                                          band_order ? NA_DCH : g.D, S, inv.data(),
                                                           ahead ? &tr : nullptr, ring,
                                                           stage.empty() ? nullptr : stage.data());
                 });
