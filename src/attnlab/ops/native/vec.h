@@ -80,9 +80,10 @@ inline vf at_least(vf t, float lo) {
 // -inf included, gives 0 under the kernels' flushed subnormals (FlushSubnormals), as exp does there: the tile
 // kernel's masked logits rely on it. t is first raised to at least -127, whose 2^n has a zero exponent field (the
 // product is exactly 0); for n = -126 and f < 0 the product is subnormal, flushed to 0. The bias 127 is in the
-// rounding constant, so r's low mantissa bits are n + 127, the exponent field of 2^n, after one shift. 12 operations
-// where the natural-base exp with a split ln 2 took 19; on a Zen 1 (session 18) 8% less time per vector than
-// session 14's 14 (a compare and blend for the floor, a separate add of the bias).
+// rounding constant, so r's low mantissa bits are n + 127, the exponent field of 2^n, after one shift. 11 operations
+// where the natural-base exp with a split ln 2 took 19, and session 17's 13 (a compare and a blend for the floor, an
+// integer add of the bias): on a Zen 1, whose softmax loops are bound by their operation count, a block's softmax
+// took 5-9% less time per vector (session 18).
 inline vf vexp2(vf t) {
     t = at_least(t, -127.0f);  // NaN stays NaN
     const vf magic = splat(12583039.0f);  // 1.5 * 2^23 + 127: r's low mantissa bits are round(t) + 127
