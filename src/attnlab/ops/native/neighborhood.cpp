@@ -682,7 +682,7 @@ struct WrapRing {
         }
     }
     // Wrapped block w's copies of C channels of a key row (row: its channel 0, sc: the channel stride) to d, a piece
-    // at a time: each loop over the channels does one kind of load (a branch per vector had cost a third of the
+    // at a time: each loop over the channels does one kind of load (a branch per vector had cost a fifth of the
     // copies' time in cache on a Zen 1, session 18). The first reads of a new key row's border lines are prefetched
     // 8 channels ahead (the loads had stalled on them, a third of the copies' time on a Zen 1, session 17).
     void copy(const Wrapped& w, const float* row, int64_t sc, int64_t C, float* d) const {
