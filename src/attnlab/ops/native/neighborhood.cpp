@@ -689,14 +689,17 @@ struct WrapRing {
         for (int64_t c = 0; c < std::min<int64_t>(C, 8); ++c) prefetch_span(row + c * sc + w.lo, w.hi - w.lo);
         for (int64_t j = 0; j < nvec; ++j) {
             const Wrapped::Piece& p = w.pieces[j];
-            const float* r = row + p.from;
-            float* o = d + j * VL;
-            for (int64_t c = 0; c < C; ++c, r += sc, o += nvec * VL) {
-                if (j == 0 && c + 8 < C) prefetch_span(row + (c + 8) * sc + w.lo, w.hi - w.lo);
-                if (p.plain) store(o, load(r));
-                else if (p.two) store(o, __builtin_shuffle(load(r), load(r + VL), p.index));
-                else store(o, __builtin_shuffle(load(r), p.index));
-            }
+            auto each = [&](auto piece) {  // the channel loop for one kind of piece
+                const float* r = row + p.from;
+                float* o = d + j * VL;
+                for (int64_t c = 0; c < C; ++c, r += sc, o += nvec * VL) {
+                    if (j == 0 && c + 8 < C) prefetch_span(row + (c + 8) * sc + w.lo, w.hi - w.lo);
+                    store(o, piece(r));
+                }
+            };
+            if (p.plain) each([](const float* r) { return load(r); });
+            else if (p.two) each([&](const float* r) { return __builtin_shuffle(load(r), load(r + VL), p.index); });
+            else each([&](const float* r) { return __builtin_shuffle(load(r), p.index); });
         }
     }
     // Wrapped block wi's copies of k (v: its channels after k's) as a plane addressed by (channel, slot).
