@@ -495,21 +495,24 @@ void weighted_chunk(const Geo& g, int64_t c0, const float* const* P, const Plane
         for (int c = 0; c < NC; ++c) emit(i, c0 + c, acc[i][c]);
 }
 
-// weighted_chunk for the band's kind (staircase or not). A staircase band of the usual small kernels (3, 5, 7 wide)
-// gets the width at compile time: its loop over the offsets then has a constant count, and GCC unrolls the band's
-// first and last key rows (those of fewer query rows) into straight code. Against the run-time width (A/B harness,
-// Zen 1, 2 threads, 128 x 128, 8 heads of 64): kernel 7 -1.3 to -2.6% of the forward's time, 5 -4%, 3 -9%; the
-// library then takes ~15 s longer to compile.
+// weighted_chunk for the band's kind (staircase or not). With 16 registers, a staircase band of the usual small
+// kernels (3, 5, 7 wide) gets the width at compile time: its loop over the offsets then has a constant count, and GCC
+// unrolls the band's first and last key rows (those of fewer query rows) into straight code. Against the run-time
+// width (A/B harness, Zen 1, 2 threads, 128 x 128, 8 heads of 64): kernel 7 -1.3 to -2.6% of the forward's time,
+// 5 -4%, 3 -9%; the source then takes ~15 s longer to compile (28 -> 43 s). Not with 32 registers: unmeasured there
+// (no AVX-512 host since session 11), and that build's compile went from 69 to 116 s.
 template <int R, bool U, int NC, class E>
 void weighted_rows(const Geo& g, int64_t c0, const float* const* P, const Plane& yp, const Band& band, const Lanes& L,
                    E&& emit) {
     if (!band.staircase) return weighted_chunk<R, U, NC, false, 0>(g, c0, P, yp, band, L, emit);
-    switch (g.kw) {
-        case 3: return weighted_chunk<R, U, NC, true, 3>(g, c0, P, yp, band, L, emit);
-        case 5: return weighted_chunk<R, U, NC, true, 5>(g, c0, P, yp, band, L, emit);
-        case 7: return weighted_chunk<R, U, NC, true, 7>(g, c0, P, yp, band, L, emit);
-        default: return weighted_chunk<R, U, NC, true, 0>(g, c0, P, yp, band, L, emit);
+    if constexpr (REGS < 32) {
+        switch (g.kw) {
+            case 3: return weighted_chunk<R, U, NC, true, 3>(g, c0, P, yp, band, L, emit);
+            case 5: return weighted_chunk<R, U, NC, true, 5>(g, c0, P, yp, band, L, emit);
+            case 7: return weighted_chunk<R, U, NC, true, 7>(g, c0, P, yp, band, L, emit);
+        }
     }
+    weighted_chunk<R, U, NC, true, 0>(g, c0, P, yp, band, L, emit);
 }
 
 template <int R, bool U, class E>
