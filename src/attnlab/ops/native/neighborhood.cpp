@@ -357,18 +357,24 @@ inline vf key_of(vf l, vf m, vf r) {
     else return shifted<B - centre>(m, r);
 }
 
-// f(std::integral_constant<int, KW>{}) for the kernel widths key_of serves in `dots`; false for the others, and for
-// every width with 16 registers (3 x 7 accumulators do not fit, and without `valignd` a shifted vector costs two
-// or three shuffles, more than the unaligned load it replaces).
+// f(std::integral_constant<int, KW>{}) for the usual small kernel widths (3, 5, 7), which some loops take at compile
+// time; false for the others.
+template <class F>
+inline bool with_small_kw(int64_t kw, F&& f) {
+    switch (kw) {
+        case 3: f(std::integral_constant<int, 3>{}); return true;
+        case 5: f(std::integral_constant<int, 5>{}); return true;
+        case 7: f(std::integral_constant<int, 7>{}); return true;
+    }
+    return false;
+}
+
+// with_small_kw for the kernel widths key_of serves in `dots`; false for every width with 16 registers (3 x 7
+// accumulators do not fit, and without `valignd` a shifted vector costs two or three shuffles, more than the
+// unaligned load it replaces).
 template <class F>
 inline bool with_regular_kw(int64_t kw, F&& f) {
-    if constexpr (REGS >= 32) {
-        switch (kw) {
-            case 3: f(std::integral_constant<int, 3>{}); return true;
-            case 5: f(std::integral_constant<int, 5>{}); return true;
-            case 7: f(std::integral_constant<int, 7>{}); return true;
-        }
-    }
+    if constexpr (REGS >= 32) return with_small_kw(kw, f);
     return false;
 }
 
@@ -506,11 +512,10 @@ void weighted_rows(const Geo& g, int64_t c0, const float* const* P, const Plane&
                    E&& emit) {
     if (!band.staircase) return weighted_chunk<R, U, NC, false, 0>(g, c0, P, yp, band, L, emit);
     if constexpr (REGS < 32) {
-        switch (g.kw) {
-            case 3: return weighted_chunk<R, U, NC, true, 3>(g, c0, P, yp, band, L, emit);
-            case 5: return weighted_chunk<R, U, NC, true, 5>(g, c0, P, yp, band, L, emit);
-            case 7: return weighted_chunk<R, U, NC, true, 7>(g, c0, P, yp, band, L, emit);
-        }
+        if (with_small_kw(g.kw, [&](auto kw) {
+                weighted_chunk<R, U, NC, true, decltype(kw)::value>(g, c0, P, yp, band, L, emit);
+            }))
+            return;
     }
     weighted_chunk<R, U, NC, true, 0>(g, c0, P, yp, band, L, emit);
 }
